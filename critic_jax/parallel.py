@@ -49,18 +49,26 @@ class MeshConfig:
       data: data-parallel degree (parameters replicated).
       fsdp: fully-sharded data-parallel degree (parameters split over `embed`).
       tensor: tensor-parallel degree (heads / MLP / vocab split).
+      num_devices: use only the first this many devices (-1: all of them).
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    num_devices: int = -1
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1:
             raise ValueError(f"At most one mesh axis may be -1. Received: {self.shape_dict()}")
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"Mesh axis sizes must be positive or -1. Received: {self.shape_dict()}")
+            raise ValueError(
+                f"Mesh axis sizes must be positive or -1. Received: {self.shape_dict()}"
+            )
+        if self.num_devices == 0 or self.num_devices < -1:
+            raise ValueError(
+                f"mesh.num_devices must be positive or -1. Received: {self.num_devices}"
+            )
 
     def shape_dict(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -95,7 +103,16 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
       ValueError: if the mesh shape does not match the number of devices.
     """
     config = config or MeshConfig()
-    devices = list(devices) if devices is not None else jax.devices()
+    if devices is None:
+        devices = jax.devices()
+        if config.num_devices > 0:
+            if config.num_devices > len(devices):
+                raise ValueError(
+                    f"mesh.num_devices={config.num_devices} but only {len(devices)} devices exist. "
+                    f"Received: {config.num_devices}"
+                )
+            devices = devices[: config.num_devices]
+    devices = list(devices)
     shape = config.resolve(len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if len(devices) == len(jax.devices()):

@@ -1,0 +1,173 @@
+"""`critic-jax`: the command line. The only module that imports tyro or prints for people.
+
+    critic-jax train [--steps N] [--workdir DIR] [--seed S] [--mesh.fsdp 8] [--config FILE] ...
+    critic-jax make-rollouts OUT.parquet [--rows N] [--seed S]
+    critic-jax --help
+
+Bad input (an invalid flag value, a config file that cannot be read, a malformed rollout file)
+ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: critic-jax {train,make-rollouts} [options]
+
+Train the critic (value model) of PPO-style RLHF in JAX.
+
+subcommands:
+  train          train a critic (default: a tiny model on the embedded synthetic MRP)
+  make-rollouts  write synthetic rollouts to a Parquet file in the rollout schema
+
+`critic-jax SUBCOMMAND --help` lists a subcommand's options.
+"""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MakeRollouts:
+    """Write synthetic MRP rollouts (with their true values) to Parquet.
+
+    Attributes:
+      out: the Parquet file to write.
+      rows: number of rollouts.
+      seed: sampling seed.
+      gamma: discount used for the `true_values` column.
+      sequence_level: write `sequence_reward` instead of token-level `rewards`.
+    """
+
+    out: str = "rollouts/mrp.parquet"
+    rows: int = 1024
+    seed: int = 0
+    gamma: float = 1.0
+    sequence_level: bool = False
+
+    def __post_init__(self):
+        if self.rows < 1:
+            raise ValueError(f"rows must be >= 1. Received: {self.rows}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1]. Received: {self.gamma}")
+
+
+def _fail(message: str) -> int:
+    first = " ".join(str(message).split())
+    print(f"critic-jax: error: {first}", file=sys.stderr)
+    return 2
+
+
+def _pop_config_file(args: list[str]) -> tuple[str | None, list[str]]:
+    out, path, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config":
+            if i + 1 >= len(args):
+                raise ValueError("--config needs a file path. Received: --config")
+            path = args[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return path, out
+
+
+def _train(args: list[str]) -> int:
+    import tyro
+
+    from critic_jax import config as config_lib
+
+    path, args = _pop_config_file(args)
+    default = config_lib.load(path) if path else config_lib.TrainConfig()
+    cfg = tyro.cli(
+        config_lib.TrainConfig,
+        default=default,
+        args=args,
+        prog="critic-jax train",
+        description="Train the critic. Every option can also come from --config FILE (JSON).",
+    )
+    from tqdm import tqdm
+
+    from critic_jax import train as train_lib
+
+    bar = tqdm(total=cfg.steps, desc="critic", unit="it", dynamic_ncols=True, file=sys.stderr)
+
+    def on_step(iteration: int, metrics: dict | None) -> None:
+        bar.n = iteration
+        if metrics:
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4g}",
+                ev=f"{metrics['explained_variance']:.3f}",
+                tok_s=f"{metrics['tokens_per_second']:.3g}",
+                refresh=False,
+            )
+        bar.refresh()
+
+    def on_event(message: str) -> None:
+        bar.write(message, file=sys.stderr)
+
+    summary = train_lib.train(cfg, on_step=on_step, on_event=on_event)
+    bar.close()
+    if summary.get("preempted"):
+        print(
+            f"critic-jax: preempted at iteration {summary['steps']}; "
+            "checkpoint saved, run the same command again to resume"
+        )
+        return 0
+    print(f"summary ({cfg.workdir}/summary.json):")
+    for key in (
+        "steps",
+        "final_loss",
+        "relative_value_error",
+        "explained_variance_vs_true",
+        "tokens_per_second",
+        "compile_seconds",
+    ):
+        if key in summary:
+            value = summary[key]
+            print(
+                f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}"
+            )
+    return 0
+
+
+def _make_rollouts(args: list[str]) -> int:
+    import tyro
+
+    from critic_jax import data as data_lib
+
+    cmd = tyro.cli(MakeRollouts, args=args, prog="critic-jax make-rollouts")
+    mrp = data_lib.MRPConfig()
+    batch = data_lib.sample_mrp(mrp, seed=cmd.seed, batch_size=cmd.rows, gamma=cmd.gamma)
+    if cmd.sequence_level:
+        batch = {k: v for k, v in batch.items() if k != "rewards"}
+    else:
+        batch = {k: v for k, v in batch.items() if k != "sequence_reward"}
+    data_lib.write_rollouts(cmd.out, batch)
+    print(json.dumps({"wrote": cmd.out, "rows": cmd.rows}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    commands = {"train": _train, "make-rollouts": _make_rollouts}
+    if command not in commands:
+        return _fail(f"unknown subcommand {command!r}; valid: {', '.join(commands)}")
+    try:
+        return commands[command](rest)
+    except (ValueError, OSError) as e:
+        return _fail(f"{type(e).__name__ if isinstance(e, OSError) else ''} {e}".strip())
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Checkpoints: exact resume, restore onto another mesh, damaged checkpoints, preemption."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from critic_jax import parallel
+from critic_jax import train as train_lib
+from critic_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from critic_jax.config import LogConfig, PPOConfig, TrainConfig
+from critic_jax.data import DataConfig
+from critic_jax.models import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(workdir, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        steps=6,
+        workdir=str(workdir),
+        model=dataclasses.replace(
+            ModelConfig.tiny(vocab_size=DataConfig().mrp.vocab_size), d_model=32
+        ),
+        ppo=PPOConfig(ppo_epochs=1, minibatch_size=16),
+        data=dataclasses.replace(DataConfig(), batch_size=32),
+        mesh=parallel.MeshConfig(data=1, num_devices=1),
+        checkpoint=CheckpointConfig(every=2, max_to_keep=5),
+        log=LogConfig(every=1, eval_rows=64, tensorboard=False),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def _final_state(config: TrainConfig):
+    mesh = parallel.make_mesh(config.mesh)
+    _, like = train_lib.init_state(config, mesh)
+    ckpt = Checkpointer(Path(config.workdir) / "checkpoints", config.checkpoint)
+    step, tree, data_state = ckpt.restore(abstract_like(train_lib.to_checkpoint_tree(like)))
+    ckpt.close()
+    return step, jax.device_get(train_lib.from_checkpoint_tree(tree, like)), data_state
+
+
+def _metrics(workdir) -> list[dict]:
+    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("tokens_per_second")
+    return rows
+
+
+def test_preempted_run_resumes_bit_for_bit(tmp_path):
+    straight = _config(tmp_path / "straight")
+    summary = train_lib.train(straight)
+    assert summary["steps"] == 6
+
+    resumed = _config(tmp_path / "resumed")
+
+    def preempt_at_3(iteration, metrics):
+        if iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    events = []
+    first = train_lib.train(resumed, on_step=preempt_at_3, on_event=events.append)
+    assert first == {"preempted": True, "steps": 3}
+    assert any("preempted" in e for e in events)
+    second = train_lib.train(resumed, on_event=events.append)
+    assert second["steps"] == 6 and any("resumed" in e for e in events)
+
+    step_a, state_a, data_a = _final_state(straight)
+    step_b, state_b, data_b = _final_state(resumed)
+    assert step_a == step_b == 6 and data_a == data_b
+    chex.assert_trees_all_equal(state_a, state_b)  # exact, not a tolerance
+    assert _metrics(straight.workdir) == _metrics(resumed.workdir)
+    assert second["final_loss"] == summary["final_loss"]
+    assert second["relative_value_error"] == summary["relative_value_error"]
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    cfg8 = _config(tmp_path, mesh=parallel.MeshConfig(data=1, fsdp=8))
+    mesh8 = parallel.make_mesh(cfg8.mesh)
+    _, state = train_lib.init_state(cfg8, mesh8)
+    assert (
+        max(x.size // x.addressable_shards[0].data.size for x in jax.tree.leaves(state.params)) == 8
+    )
+    ckpt = Checkpointer(tmp_path / "ck", cfg8.checkpoint)
+    ckpt.save(1, train_lib.to_checkpoint_tree(state), data_state={"i": 1}, config={})
+    ckpt.close()
+    want = jax.device_get(state)
+    for mesh_cfg in (
+        parallel.MeshConfig(data=4, fsdp=2),
+        parallel.MeshConfig(data=1, num_devices=1),
+    ):
+        cfg = dataclasses.replace(cfg8, mesh=mesh_cfg)
+        mesh = parallel.make_mesh(mesh_cfg)
+        _, like = train_lib.init_state(dataclasses.replace(cfg, seed=99), mesh)
+        ck = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+        step, tree, data_state = ck.restore(abstract_like(train_lib.to_checkpoint_tree(like)))
+        ck.close()
+        got = train_lib.from_checkpoint_tree(tree, like)
+        assert step == 1 and data_state == {"i": 1}
+        for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(like.params), strict=True):
+            assert a.sharding == b.sharding
+        chex.assert_trees_all_equal(jax.device_get(got), want)
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    cfg = _config(tmp_path)
+    mesh = parallel.make_mesh(cfg.mesh)
+    _, state = train_lib.init_state(cfg, mesh)
+    ckpt = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+    tree = train_lib.to_checkpoint_tree(state)
+    ckpt.save(1, tree, data_state={"i": 1}, config={})
+    ckpt.wait()
+    ckpt.save(2, tree, data_state={"i": 2}, config={})
+    ckpt.close()
+    damaged = 0
+    for f in (tmp_path / "ck" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage")
+            damaged += 1
+    assert damaged
+    ck = Checkpointer(tmp_path / "ck", cfg.checkpoint)
+    with pytest.warns(UserWarning, match="step 2"):
+        step, _, data_state = ck.restore(abstract_like(tree))
+    assert step == 1 and data_state == {"i": 1}
+    ck.close()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "critic_jax.train",
+        "--steps",
+        "400",
+        "--workdir",
+        str(workdir),
+        "--checkpoint.every",
+        "1000",
+        "--log.every",
+        "1",
+        "--data.batch-size",
+        "32",
+        "--ppo.minibatch-size",
+        "16",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted" in out and "Traceback" not in err
+    steps = [int(s.name) for s in (workdir / "checkpoints").iterdir() if s.name.isdigit()]
+    assert len(steps) == 1 and 3 <= steps[0] < 400
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from checkpoint" in proc.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 400
+    rows = [json.loads(x)["iteration"] for x in metrics.read_text().splitlines()]
+    assert rows == list(range(1, 401))
+
+
+def test_checkpoint_config_validation():
+    with pytest.raises(ValueError, match="Received"):
+        CheckpointConfig(max_to_keep=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(CheckpointConfig().every)
