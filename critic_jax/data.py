@@ -50,7 +50,7 @@ KL_KINDS = ("k1", "k2", "k3")
 
 # Fixed reward scales of the synthetic MRP (the seeded tables draw around them).
 _WORD_REWARD_LOW, _WORD_REWARD_HIGH = 0.2, 0.8
-_EOS_REWARD_STD = 1.5
+_EOS_REWARD_STD = 1.0
 _TOOL_REWARD = -0.2
 _EOS_PROB_SPREAD = 0.5
 
@@ -114,7 +114,7 @@ class MRPConfig:
     obs_len: int = 2
     eos_prob: float = 0.06
     tool_prob: float = 0.06
-    stickiness: float = 3.0
+    stickiness: float = 4.0
     truncation_reward: float = -1.0
     table_seed: int = 0
 
