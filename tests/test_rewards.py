@@ -1,0 +1,95 @@
+"""kl_penalty and token_rewards against the NumPy loops."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import references
+
+import critic_jax
+
+SHAPE = (2, 3, 10)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamp", [None, 0.5])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_kl_penalty_matches_reference(kind, clamp, use_jit):
+    rng = np.random.default_rng(0)
+    logprobs = -rng.exponential(size=SHAPE).astype(np.float32)
+    ref_logprobs = logprobs + rng.normal(scale=1.0, size=SHAPE).astype(np.float32)
+    fn = functools.partial(critic_jax.kl_penalty, kind=kind, clamp=clamp)
+    got = (jax.jit(fn) if use_jit else fn)(logprobs, ref_logprobs)
+    assert got.dtype == jnp.float32 and got.shape == SHAPE
+    want = references.kl_penalty(logprobs, ref_logprobs, kind=kind, clamp=clamp)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if clamp is not None:
+        assert np.any(np.abs(references.kl_penalty(logprobs, ref_logprobs, kind=kind)) > clamp)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kl_penalty_low_precision(dtype):
+    rng = np.random.default_rng(1)
+    logprobs = jnp.asarray(-rng.exponential(size=SHAPE), dtype)
+    ref_logprobs = jnp.asarray(-rng.exponential(size=SHAPE), dtype)
+    got = critic_jax.kl_penalty(logprobs, ref_logprobs, kind="k3")
+    assert got.dtype == jnp.float32
+    want = references.kl_penalty(
+        np.asarray(logprobs.astype(jnp.float32)),
+        np.asarray(ref_logprobs.astype(jnp.float32)),
+        kind="k3",
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_kl", [False, True])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_token_rewards_match_reference(with_kl, use_jit):
+    rng = np.random.default_rng(2)
+    mask = references.mixed_mask(rng, SHAPE)
+    reward = rng.normal(size=SHAPE[:-1]).astype(np.float32)
+    kl = references.with_garbage(rng, rng.normal(size=SHAPE).astype(np.float32), mask)
+    kl = kl if with_kl else None
+    fn = functools.partial(critic_jax.token_rewards, kl=kl)
+    if use_jit:  # kl_coef traced
+        got = jax.jit(lambda r, m, c: critic_jax.token_rewards(r, m, kl=kl, kl_coef=c))(
+            reward, mask, jnp.float32(0.1)
+        )
+    else:
+        got = fn(reward, mask, kl_coef=0.1)
+    assert got.dtype == jnp.float32 and got.shape == SHAPE
+    want = references.token_rewards(reward, mask, kl=kl, kl_coef=0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_token_rewards_numeric_mask_and_low_precision():
+    rng = np.random.default_rng(3)
+    mask = references.mixed_mask(rng, SHAPE)
+    reward = jnp.asarray(rng.normal(size=SHAPE[:-1]), jnp.bfloat16)
+    kl = jnp.asarray(rng.normal(size=SHAPE), jnp.float16)
+    got = critic_jax.token_rewards(reward, mask.astype(np.float32) * 2, kl=kl, kl_coef=0.5)
+    want = references.token_rewards(
+        np.asarray(reward.astype(jnp.float32)),
+        mask,
+        kl=np.asarray(kl.astype(jnp.float32)),
+        kl_coef=0.5,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_errors():
+    x = jnp.zeros((2, 5))
+    with pytest.raises(ValueError, match=r"Shape mismatch.*`ref_logprobs`.*Received"):
+        critic_jax.kl_penalty(x, jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"'k1', 'k2', 'k3'.*'k4'"):
+        critic_jax.kl_penalty(x, x, kind="k4")
+    with pytest.raises(ValueError, match=r"`clamp`"):
+        critic_jax.kl_penalty(x, x, clamp=0.0)
+    with pytest.raises(ValueError, match=r"Shape mismatch.*`sequence_reward`.*\(2,\)"):
+        critic_jax.token_rewards(jnp.zeros(3), x)
+    with pytest.raises(ValueError, match=r"Shape mismatch.*`kl`"):
+        critic_jax.token_rewards(jnp.zeros(2), x, kl=jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"`sequence_reward`.*floating"):
+        critic_jax.token_rewards(jnp.zeros(2, jnp.int32), x)
