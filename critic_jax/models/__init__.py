@@ -1,0 +1,26 @@
+"""The critic model: a Llama-family decoder in Flax NNX, value heads, Hugging Face import/export.
+
+Three ways to start a critic:
+
+    critic = Critic(ModelConfig.tiny(vocab_size=256), rngs=nnx.Rngs(0))   # random, V = 0
+    critic = critic_from_hf("path/to/reward_model")   # ...ForSequenceClassification: trunk + score
+    critic = critic_from_hf("path/to/sft_model")      # ...ForCausalLM: trunk, fresh zero head
+
+Trainers take the parameters with `graphdef, params = nnx.split(critic, nnx.Param)`.
+"""
+
+from critic_jax.models.critic import ActorCritic, Critic, ValueHead
+from critic_jax.models.hf import actor_critic_from_hf, config_from_hf, critic_from_hf, critic_to_hf
+from critic_jax.models.transformer import ModelConfig, Transformer
+
+__all__ = (
+    "ActorCritic",
+    "Critic",
+    "ModelConfig",
+    "Transformer",
+    "ValueHead",
+    "actor_critic_from_hf",
+    "config_from_hf",
+    "critic_from_hf",
+    "critic_to_hf",
+)
