@@ -94,10 +94,16 @@ def _train(args: list[str]) -> int:
 
     from critic_jax import train as train_lib
 
-    bar = tqdm(total=cfg.steps, desc="critic", unit="it", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=cfg.steps,
+        desc="critic",
+        unit="it",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
 
     def on_step(iteration: int, metrics: dict | None) -> None:
-        bar.n = iteration
         if metrics:
             bar.set_postfix(
                 loss=f"{metrics['loss']:.4g}",
@@ -105,7 +111,7 @@ def _train(args: list[str]) -> int:
                 tok_s=f"{metrics['tokens_per_second']:.3g}",
                 refresh=False,
             )
-        bar.refresh()
+        bar.update(iteration - bar.n)
 
     def on_event(message: str) -> None:
         bar.write(message, file=sys.stderr)

@@ -154,7 +154,7 @@ def make_update_fn(
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, loss), values = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), micro)
         values = values.reshape(mb["mask"].shape)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -540,6 +540,9 @@ def train(
         on_event(f"preempted: saved checkpoint at iteration {done} in {ckpt.directory}")
         return {"preempted": True, "steps": done}
 
+    if not last and writer.enabled and writer.path.exists():  # nothing left to run after resume
+        lines = writer.path.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
     summary: dict[str, Any] = {
         "steps": done,
         "optimizer_updates": int(state.step),
