@@ -16,7 +16,7 @@ from critic_jax.models.transformer import (
     VALUE_HEAD_INITS,
     ModelConfig,
     Transformer,
-    _param,
+    make_param,
     partitioned,
 )
 
@@ -132,7 +132,7 @@ class ActorCritic(nnx.Module):
         self.lm_head = (
             None
             if config.tie_embeddings
-            else _param(
+            else make_param(
                 rngs,
                 nnx.initializers.normal(config.init_std),
                 (config.d_model, config.vocab_size),

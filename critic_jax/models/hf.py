@@ -347,9 +347,7 @@ def _load_entries(
         entry.var.set_value(jnp.asarray(entry.to_ours(np.asarray(x, np.float32)), dtype))
 
 
-def _prepare(
-    path: str | os.PathLike, overrides: dict[str, Any]
-) -> tuple[Path, dict[str, Any], ModelConfig, str]:
+def _prepare(path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Path, ModelConfig, str]:
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
     _, head = _split_architecture(hf_config)
@@ -363,12 +361,7 @@ def _prepare(
                 f"A critic needs a one-label {head[3:]} head (num_labels=1). "
                 f"Received: num_labels={num_labels}"
             )
-    return path, hf_config, config, head
-
-
-def _abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
-    """The module with shapes and metadata only; every parameter is then set from the file."""
-    return nnx.eval_shape(build)
+    return path, config, head
 
 
 def _fresh_head(config: ModelConfig, rngs: nnx.Rngs | None) -> ValueHead:
@@ -409,11 +402,12 @@ def critic_from_hf(
       ValueError: on an unsupported architecture or rope type, `num_labels != 1`, missing or
         unexpected tensors, or a tensor whose shape disagrees with `config.json`.
     """
-    path, _, config, head = _prepare(
+    path, config, head = _prepare(
         path,
         dict(dtype=dtype, param_dtype=param_dtype, remat=remat, value_head_init=value_head_init),
     )
-    critic = _abstract(lambda: Critic(config, rngs=nnx.Rngs(0)))
+    # Shapes and metadata only: every parameter is then set from the file, nothing initialised.
+    critic = nnx.eval_shape(lambda: Critic(config, rngs=nnx.Rngs(0)))
     entries = _backbone_entries(critic)
     ignore: set[str] = set()
     if head == "ForCausalLM":
@@ -448,7 +442,7 @@ def actor_critic_from_hf(
     Raises:
       ValueError: if the checkpoint is not a causal LM, and as `critic_from_hf`.
     """
-    path, _, config, head = _prepare(
+    path, config, head = _prepare(
         path,
         dict(dtype=dtype, param_dtype=param_dtype, remat=remat, value_head_init=value_head_init),
     )
@@ -457,7 +451,7 @@ def actor_critic_from_hf(
             f"actor_critic_from_hf needs a ...ForCausalLM checkpoint (it has an LM head). "
             f"Received: ...{head}"
         )
-    model = _abstract(
+    model = nnx.eval_shape(
         lambda: ActorCritic(config, rngs=nnx.Rngs(0), stop_value_grad=stop_value_grad)
     )
     model.head = _fresh_head(config, rngs)

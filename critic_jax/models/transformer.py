@@ -162,7 +162,7 @@ def partitioned(init: nnx.Initializer, names: Sequence[str | None]) -> nnx.Initi
     return nnx.with_partitioning(init, tuple(names), eager_sharding=eager)
 
 
-def _param(
+def make_param(
     rngs: nnx.Rngs,
     init: nnx.Initializer,
     shape: tuple[int, ...],
@@ -214,7 +214,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = _param(rngs, nnx.initializers.ones_init(), (dim,), ("norm",), param_dtype)
+        self.scale = make_param(rngs, nnx.initializers.ones_init(), (dim,), ("norm",), param_dtype)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         x = x_btd.astype(jnp.float32)
@@ -235,20 +235,22 @@ class Attention(nnx.Module):
         zeros = nnx.initializers.zeros_init()
         pd = c.storage_dtype
         self.config = c
-        self.q = _param(
+        self.q = make_param(
             rngs, normal, (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), pd
         )
         kv_shape = (c.d_model, c.num_kv_heads, c.head_dim)
-        self.k = _param(rngs, normal, kv_shape, ("embed", "kv_heads", "head_dim"), pd)
-        self.v = _param(rngs, normal, kv_shape, ("embed", "kv_heads", "head_dim"), pd)
-        self.o = _param(
+        self.k = make_param(rngs, normal, kv_shape, ("embed", "kv_heads", "head_dim"), pd)
+        self.v = make_param(rngs, normal, kv_shape, ("embed", "kv_heads", "head_dim"), pd)
+        self.o = make_param(
             rngs, normal, (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), pd
         )
         if c.qkv_bias:
-            self.q_bias = _param(rngs, zeros, (c.num_heads, c.head_dim), ("heads", "head_dim"), pd)
+            self.q_bias = make_param(
+                rngs, zeros, (c.num_heads, c.head_dim), ("heads", "head_dim"), pd
+            )
             kv_bias = (c.num_kv_heads, c.head_dim)
-            self.k_bias = _param(rngs, zeros, kv_bias, ("kv_heads", "head_dim"), pd)
-            self.v_bias = _param(rngs, zeros, kv_bias, ("kv_heads", "head_dim"), pd)
+            self.k_bias = make_param(rngs, zeros, kv_bias, ("kv_heads", "head_dim"), pd)
+            self.v_bias = make_param(rngs, zeros, kv_bias, ("kv_heads", "head_dim"), pd)
 
     def __call__(
         self, x_btd: jax.Array, cos_btk: jax.Array, sin_btk: jax.Array, valid_bts: jax.Array
@@ -286,9 +288,9 @@ class MLP(nnx.Module):
         c = config
         normal = nnx.initializers.normal(c.init_std)
         pd = c.storage_dtype
-        self.gate = _param(rngs, normal, (c.d_model, c.mlp_dim), ("embed", "mlp"), pd)
-        self.up = _param(rngs, normal, (c.d_model, c.mlp_dim), ("embed", "mlp"), pd)
-        self.down = _param(rngs, normal, (c.mlp_dim, c.d_model), ("mlp", "embed"), pd)
+        self.gate = make_param(rngs, normal, (c.d_model, c.mlp_dim), ("embed", "mlp"), pd)
+        self.up = make_param(rngs, normal, (c.d_model, c.mlp_dim), ("embed", "mlp"), pd)
+        self.down = make_param(rngs, normal, (c.mlp_dim, c.d_model), ("mlp", "embed"), pd)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = x_btd.dtype
@@ -339,7 +341,7 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.embed = _param(
+        self.embed = make_param(
             rngs,
             nnx.initializers.normal(c.init_std),
             (c.vocab_size, c.d_model),
