@@ -3,15 +3,15 @@
 Masked positions are transparent: the recursion jumps from a valid position straight to the next
 valid one, so multi-turn observation tokens neither discount nor break it.
 
-Both methods rewrite GAE as ONE linear recurrence with one scalar carry per row. Let t' be the
-next valid position after t and define the carry
+Both methods rewrite GAE as ONE linear recurrence with one scalar carry per row. Let u(t) be the
+first valid position at or after t and define, for every t,
 
-    g_t = γ·(V_t' + λ·A_t')       (g = γ·bootstrap past the last valid position).
+    g_t = γ·(V_u(t) + λ·A_u(t)),      g_T = γ·bootstrap (also when no valid position is left).
 
-Then A_t = r_t − V_t + g_t for a valid t, and g obeys
+Then for a valid t:  A_t = r_t − V_t + g_{t+1}  and  returns_t = r_t + g_{t+1},  and
 
-    g_t' = e_t + c_t·g_t'next,    e_t = γ·(λ·r_t + (1 − λ)·V_t),  c_t = γλ    (t valid)
-                                  e_t = 0,                        c_t = 1     (t masked)
+    g_t = e_t + c_t·g_{t+1},   (e_t, c_t) = (γ·(λ·r_t + (1 − λ)·V_t), γλ)   if t is valid,
+                               (e_t, c_t) = (0, 1)                          if t is masked,
 
 so a masked step passes the carry through unchanged. All masking happens in the elementwise
 passes before and after the recurrence; the loop body is a single multiply-add.
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from critic_jax.masking import _as_float, _check_same_shape, _check_unit_interval, _valid
 
 _METHODS = ("scan", "associative")
-_PACK_MAX_ROWS = 64
 
 
 def _coefficients(rewards, values, valid, gamma, lam):
@@ -33,37 +32,60 @@ def _coefficients(rewards, values, valid, gamma, lam):
     return e, c
 
 
-def _carry_in_scan(e_bt: jax.Array, c_bt: jax.Array, g_end_b: jax.Array) -> jax.Array:
-    """g_{t+1} for every t, by a reverse lax.scan over T with the rows as the vector.
+def _scan_plan(rows: int) -> tuple[int, int]:
+    """(block, unroll) of the reverse scan for a batch of `rows` rows; see `_carry_in_scan`."""
+    if rows >= 64:
+        return 8, 1
+    return 1, 4 if rows <= 8 else 1
 
-    Layout and loop body were chosen by measurement on CPU (experiments/bench_gae.py):
-    - time-major [T, B] so each step reads one contiguous row;
-    - for narrow batches, e and c travel as the real and imaginary parts of ONE complex64 array,
-      so a single transpose feeds the scan and each step reads one contiguous row (for wide
-      batches XLA transposes two float32 arrays faster than one complex64 array);
-    - the step emits its new carry, not the incoming one: emitting the incoming carry forces a
-      copy of the carry on every step; the one-step shift is fused into the elementwise epilogue;
+
+def _carry_in_scan(e_bt: jax.Array, c_bt: jax.Array, g_end_b: jax.Array) -> jax.Array:
+    """g_{t+1} for every t, by a reverse lax.scan over T.
+
+    The layout was chosen by measurement on CPU (experiments/bench_gae.md), where the transposes
+    around the scan cost more than the recurrence itself:
+    - the inputs are shifted by one step, with (e, c) = (g_end, 0) at the end, so the carry a step
+      emits is already g_{t+1}: no copy of the carry per step and no shift afterwards;
+    - e and c travel as the real and imaginary parts of ONE complex64 array, so a single
+      transpose feeds the scan and each step reads one contiguous row;
+    - time is split into blocks of `block` steps, [T/block, B, block]: the transpose then moves
+      contiguous runs, and each scan step runs `block` multiply-adds. This pays off for wide
+      batches (B >= 64); narrow batches scan one step at a time;
     - unroll=4 only when a step's vector fits one SIMD register (B <= 8) and loop overhead
       dominates; for wider batches unrolling was 1.5-2x slower.
     """
-    rows, _ = e_bt.shape
-    unroll = 4 if rows <= 8 else 1
-    if rows <= _PACK_MAX_ROWS:
-        ec_tb = jax.lax.complex(e_bt, c_bt).T
+    rows, length = e_bt.shape
+    block, unroll = _scan_plan(rows)
+    e_bt = jnp.concatenate([e_bt[:, 1:], g_end_b[:, None]], axis=1)
+    c_bt = jnp.concatenate([c_bt[:, 1:], jnp.zeros_like(c_bt[:, :1])], axis=1)
+    ec_bt = jax.lax.complex(e_bt, c_bt)
+
+    def fma(g_b, ec_b):
+        return jnp.real(ec_b) + jnp.imag(ec_b) * g_b
+
+    if block == 1:
 
         def step(g_b, ec_b):
-            g_b = jnp.real(ec_b) + jnp.imag(ec_b) * g_b
+            g_b = fma(g_b, ec_b)
             return g_b, g_b
 
-    else:
-        ec_tb = (e_bt.T, c_bt.T)
+        _, g_tb = jax.lax.scan(step, g_end_b, ec_bt.T, reverse=True, unroll=unroll)
+        return g_tb.T
 
-        def step(g_b, ec_b):
-            g_b = ec_b[0] + ec_b[1] * g_b
-            return g_b, g_b
+    pad = -length % block
+    if pad:  # identity steps (e, c) = (0, 1) past the end; their outputs are dropped
+        ec_bt = jnp.pad(ec_bt, ((0, 0), (0, pad)), constant_values=1j)
+    ec_nbk = ec_bt.reshape(rows, -1, block).transpose(1, 0, 2)
 
-    _, g_tb = jax.lax.scan(step, g_end_b, ec_tb, reverse=True, unroll=unroll)
-    return jnp.concatenate([g_tb[1:], g_end_b[None]], axis=0).T
+    def block_step(g_b, ec_bk):
+        out = [g_b] * block
+        for j in reversed(range(block)):
+            g_b = fma(g_b, ec_bk[:, j])
+            out[j] = g_b
+        return g_b, jnp.stack(out, axis=1)
+
+    _, g_nbk = jax.lax.scan(block_step, g_end_b, ec_nbk, reverse=True, unroll=unroll)
+    return g_nbk.transpose(1, 0, 2).reshape(rows, -1)[:, :length]
 
 
 def _carry_in_associative(e_bt: jax.Array, c_bt: jax.Array, g_end_b: jax.Array) -> jax.Array:

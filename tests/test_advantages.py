@@ -46,6 +46,23 @@ def test_gae_matches_reference(method, lam, use_jit):
         np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(16, 13), (5, 13, 21), (64, 8)])
+def test_gae_scan_layouts_for_every_batch_width(shape):
+    # The scan picks its layout from the number of rows (see `_scan_plan`): cover each choice,
+    # including a length that is not a multiple of the time block.
+    rewards, values, mask, boot = _batch(20, shape=shape)
+    for method in ("scan", "associative"):
+        fn = functools.partial(
+            critic_jax.compute_gae, gamma=0.95, lam=0.9, bootstrap_value=boot, method=method
+        )
+        adv, ret = jax.jit(fn)(rewards, values, mask)
+        want_adv, want_ret = references.gae(
+            rewards, values, mask, gamma=0.95, lam=0.9, bootstrap_value=boot
+        )
+        np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_td_errors_match_reference(use_jit):
     rewards, values, mask, boot = _batch(1)
