@@ -165,6 +165,9 @@ def compute_gae(
             ) from None
         g_end = gamma * boot
 
+    if length == 0:
+        empty = jnp.zeros(shape, jnp.float32)
+        return empty, empty
     rows = 1
     for n in lead:
         rows *= n

@@ -12,12 +12,12 @@ import numpy as np
 def _rows(x):
     """[..., T] -> [R, T] float64 view of the rows."""
     x = np.asarray(x, np.float64)
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _valid_rows(mask):
     mask = np.asarray(mask)
-    return (mask != 0).reshape(-1, mask.shape[-1])
+    return (mask != 0).reshape(math.prod(mask.shape[:-1]), mask.shape[-1])
 
 
 # ----------------------------------------------------------------------------- test inputs

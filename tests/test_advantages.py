@@ -153,6 +153,24 @@ def test_gae_all_empty_mask_gives_zeros():
         np.testing.assert_array_equal(ret, np.zeros(SHAPE))
 
 
+@pytest.mark.parametrize("shape", [(64, 0), (3, 1), (0, 5)])
+def test_gae_degenerate_lengths(shape):
+    rng = np.random.default_rng(21)
+    rewards, values = rng.normal(size=(2, *shape)).astype(np.float32)
+    mask = rng.random(shape) < 0.5
+    boot = rng.normal(size=shape[:-1]).astype(np.float32)
+    for method in ("scan", "associative"):
+        adv, ret = critic_jax.compute_gae(
+            rewards, values, mask, bootstrap_value=boot, method=method, gamma=0.9
+        )
+        want_adv, want_ret = references.gae(
+            rewards, values, mask, gamma=0.9, lam=0.95, bootstrap_value=boot
+        )
+        assert adv.shape == ret.shape == shape
+        np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
+
+
 def test_scan_and_associative_agree_on_long_sequences():
     rng = np.random.default_rng(7)
     shape = (3, 16384)
