@@ -50,7 +50,7 @@ class PPOConfig:
     clip_eps: float | None = 0.2
     loss_type: str = "mse"
     huber_delta: float = 1.0
-    reduction: str = "seq-mean-token-mean"
+    reduction: str = "token-mean"
     ppo_epochs: int = 2
     minibatch_size: int = 16
     micro_batches: int = 1

@@ -67,7 +67,8 @@ def make_optimizer(config: OptimConfig, total_updates: int) -> optax.GradientTra
     """clip_by_global_norm -> AdamW(warmup + cosine), wrapped to skip non-finite updates."""
     warmup = min(config.warmup_steps, max(total_updates - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        # Start above 0 so that the very first update already moves the parameters.
+        init_value=config.learning_rate / (warmup + 1),
         peak_value=config.learning_rate,
         warmup_steps=warmup,
         decay_steps=max(total_updates, warmup + 1),
@@ -292,16 +293,26 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphD
     """A fresh, sharded `TrainState` (and the model's graph) for `config` on `mesh`."""
     graphdef, params = build_model(config, mesh)
     tx = make_optimizer(config.optim, config.steps * config.updates_per_step)
-    opt_state = jax.jit(tx.init)(params)
     rep = parallel.replicated(mesh)
+    # Moments follow their parameters' shardings; scalar counters are replicated over the mesh.
+    opt_state = jax.tree.map(
+        lambda x: x if x.sharding.device_set == set(mesh.devices.flat) else _replicate(x, rep),
+        jax.jit(tx.init)(params),
+    )
     state = TrainState(
         params=params,
         opt_state=opt_state,
-        step=jax.device_put(jnp.int32(0), rep),
-        iteration=jax.device_put(jnp.int32(0), rep),
-        rng=jax.device_put(jax.random.PRNGKey(config.seed + 1), rep),
+        step=_replicate(np.int32(0), rep),
+        iteration=_replicate(np.int32(0), rep),
+        rng=_replicate(np.asarray(jax.random.PRNGKey(config.seed + 1)), rep),
     )
     return graphdef, state
+
+
+def _replicate(x, sharding: NamedSharding) -> jax.Array:
+    """Places a value that every process holds identically on all devices of the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh, state: TrainState, graphdef) -> Setup:
