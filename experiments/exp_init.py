@@ -12,8 +12,8 @@
 The first three are trained by the trainer's own jitted update; the shared trunk needs both losses,
 so its update (same optimizer, GAE, clipped loss, epochs x minibatches) is written out here.
 
-    python experiments/exp_init.py            # ~4-5 minutes on 2 cores
-    python experiments/exp_init.py --steps 100 --pretrain-steps 600
+    python experiments/exp_init.py            # 2 seeds, ~5.5 minutes on 2 cores
+    python experiments/exp_init.py --steps 100 --pretrain-steps 600 --seeds 0 1 2
 """
 
 from __future__ import annotations
