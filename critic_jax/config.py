@@ -93,7 +93,7 @@ class OptimConfig:
       grad_clip: global-norm clip; 0 disables.
     """
 
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 20
     end_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -157,7 +157,7 @@ class TrainConfig:
       workdir: metrics, TensorBoard events, checkpoints and `summary.json` go here.
     """
 
-    steps: int = 300
+    steps: int = 400
     seed: int = 0
     workdir: str = "runs/default"
     model: ModelConfig = dataclasses.field(default_factory=_default_model)

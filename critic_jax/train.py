@@ -296,7 +296,7 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphD
     rep = parallel.replicated(mesh)
     # Moments follow their parameters' shardings; scalar counters are replicated over the mesh.
     opt_state = jax.tree.map(
-        lambda x: x if x.sharding.device_set == set(mesh.devices.flat) else _replicate(x, rep),
+        lambda x: x if isinstance(x.sharding, NamedSharding) else _replicate(x, rep),
         jax.jit(tx.init)(params),
     )
     state = TrainState(
@@ -306,7 +306,8 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphD
         iteration=_replicate(np.int32(0), rep),
         rng=_replicate(np.asarray(jax.random.PRNGKey(config.seed + 1)), rep),
     )
-    return graphdef, state
+    # Commit every leaf to its sharding, so the first update sees what later ones see.
+    return graphdef, jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
 
 
 def _replicate(x, sharding: NamedSharding) -> jax.Array:

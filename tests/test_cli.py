@@ -89,3 +89,38 @@ def test_config_file_sets_values(tmp_path):
     path.write_text(json.dumps({"steps": 7, "ppo": {"lam": 0.5}}))
     cfg = config.load(path)
     assert cfg.steps == 7 and cfg.ppo.lam == 0.5 and cfg.ppo.gamma == 1.0
+
+
+def _one_line_error(proc, *words):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("critic-jax: error:"), proc.stderr[-3000:]
+    for w in words:
+        assert w in err[0], err[0]
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    _one_line_error(_run("train", "--steps", "2", "--workdir", str(blocker / "run"), *SMALL))
+
+
+def test_bad_rollout_files_are_one_line(tmp_path):
+    _one_line_error(
+        _run("train", "--data.path", str(tmp_path / "none" / "*.parquet"), *SMALL), "parquet"
+    )
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 this is not parquet")
+    _one_line_error(_run("train", "--data.path", str(garbage), *SMALL), "garbage.parquet")
+
+
+def test_make_rollouts_then_train_on_them(tmp_path):
+    out = tmp_path / "r.parquet"
+    proc = _run("make-rollouts", "--out", str(out), "--rows", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(
+        "train", "--steps", "2", "--workdir", str(tmp_path / "wd"), "--data.path", str(out), *SMALL
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _one_line_error(_run("make-rollouts", "--rows", "0"), "rows")
