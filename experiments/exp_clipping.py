@@ -7,7 +7,7 @@ the 10 before), the largest loss, and the error against V* on held-out rows afte
 The clipped loss is max(clipped, unclipped) >= the unclipped one, so spikes are also counted on
 `value_mse`, the unclipped squared error of the same predictions.
 
-    python experiments/exp_clipping.py                  # stressed runs, 2 seeds, ~3.5 minutes on 2 cores
+    python experiments/exp_clipping.py                  # 2 seeds, ~3.5 minutes on 2 cores
     python experiments/exp_clipping.py --clean --seeds 0 1 2   # add the unstressed baseline
 """
 
