@@ -2,8 +2,9 @@
 
 The stress is the two things clipping is said to protect against: noisy rewards (Gaussian noise
 on every valid token's reward; V* is unchanged because the noise has mean 0) and a learning rate
-ten times the default. Each run reports loss spikes (iterations whose loss exceeds 3x the median of
-the 10 before), the largest loss, and the error against V* on held-out rows after every iteration.
+of 3e-2, 15 times the default. Each run reports loss spikes (iterations whose loss exceeds 3x the
+median of the 10 before), the largest loss, and the error against V* on held-out rows after every
+iteration.
 The clipped loss is max(clipped, unclipped) >= the unclipped one, so spikes are also counted on
 `value_mse`, the unclipped squared error of the same predictions.
 
