@@ -58,6 +58,28 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _parse(cls, **kwargs):
+    """`tyro.cli`, with its boxed error reports squeezed into one `ValueError` line."""
+    import contextlib
+    import io
+
+    import tyro
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(cls, **kwargs)
+    except SystemExit as e:
+        if not e.code:
+            raise
+        lines = []
+        for line in captured.getvalue().splitlines():
+            line = line.strip(" │╭╮╰╯─\t")
+            if line and not line.startswith("For full helptext"):
+                lines.append(line)
+        raise ValueError(" ".join(lines) or "invalid arguments") from None
+
+
 def _pop_config_file(args: list[str]) -> tuple[str | None, list[str]]:
     out, path, i = [], None, 0
     while i < len(args):
@@ -77,13 +99,11 @@ def _pop_config_file(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: list[str]) -> int:
-    import tyro
-
     from critic_jax import config as config_lib
 
     path, args = _pop_config_file(args)
     default = config_lib.load(path) if path else config_lib.TrainConfig()
-    cfg = tyro.cli(
+    cfg = _parse(
         config_lib.TrainConfig,
         default=default,
         args=args,
@@ -94,16 +114,24 @@ def _train(args: list[str]) -> int:
 
     from critic_jax import train as train_lib
 
-    bar = tqdm(
-        total=cfg.steps,
-        desc="critic",
-        unit="it",
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-    )
+    bars: list = []  # created at the first finished update, so set-up errors stay one line
+
+    def progress():
+        if not bars:
+            bars.append(
+                tqdm(
+                    total=cfg.steps,
+                    desc="critic",
+                    unit="it",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                    mininterval=0.5 if sys.stderr.isatty() else 10.0,
+                )
+            )
+        return bars[0]
 
     def on_step(iteration: int, metrics: dict | None) -> None:
+        bar = progress()
         if metrics:
             bar.set_postfix(
                 loss=f"{metrics['loss']:.4g}",
@@ -114,10 +142,13 @@ def _train(args: list[str]) -> int:
         bar.update(iteration - bar.n)
 
     def on_event(message: str) -> None:
-        bar.write(message, file=sys.stderr)
+        tqdm.write(message, file=sys.stderr)
 
-    summary = train_lib.train(cfg, on_step=on_step, on_event=on_event)
-    bar.close()
+    try:
+        summary = train_lib.train(cfg, on_step=on_step, on_event=on_event)
+    finally:
+        if bars:
+            bars[0].close()
     if summary.get("preempted"):
         print(
             f"critic-jax: preempted at iteration {summary['steps']}; "
@@ -142,11 +173,9 @@ def _train(args: list[str]) -> int:
 
 
 def _make_rollouts(args: list[str]) -> int:
-    import tyro
-
     from critic_jax import data as data_lib
 
-    cmd = tyro.cli(MakeRollouts, args=args, prog="critic-jax make-rollouts")
+    cmd = _parse(MakeRollouts, args=args, prog="critic-jax make-rollouts")
     mrp = data_lib.MRPConfig()
     batch = data_lib.sample_mrp(mrp, seed=cmd.seed, batch_size=cmd.rows, gamma=cmd.gamma)
     if cmd.sequence_level:

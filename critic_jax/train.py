@@ -294,11 +294,15 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphD
     graphdef, params = build_model(config, mesh)
     tx = make_optimizer(config.optim, config.steps * config.updates_per_step)
     rep = parallel.replicated(mesh)
-    # Moments follow their parameters' shardings; scalar counters are replicated over the mesh.
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else _replicate(x, rep),
-        jax.jit(tx.init)(params),
+    # Adam moments are sharded like their parameters (ZeRO under fsdp); counters are replicated.
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: rep,
     )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     state = TrainState(
         params=params,
         opt_state=opt_state,

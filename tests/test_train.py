@@ -132,6 +132,11 @@ def test_sharded_update_matches_one_device(shape, one_device_history):
         full, local = leaf.size, leaf.addressable_shards[0].data.size
         split = max(split, full // local)
     assert split == fsdp * tensor
+    # The Adam moments are split exactly like their parameters.
+    mu = state.opt_state.inner_state[1][0].mu
+    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu), strict=True):
+        assert m.sharding.spec == p.sharding.spec
+        assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
 
 
 def test_nonfinite_batch_skips_the_update_and_training_goes_on():
