@@ -505,16 +505,21 @@ def train(
     writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_iteration=start)
     held_out = _held_out(config, mesh)
 
+    # The iterator's position just after the batch of the last finished update: what a
+    # checkpoint must store, since the loop fetches one batch ahead.
+    position = {"saved": iterator.get_state(), "pending": None}
+
     def save(it: int, force: bool = False):
         ckpt.save(
             it,
             to_checkpoint_tree(state),
-            data_state=iterator.get_state(),
+            data_state=position["saved"],
             config=to_dict(config),
             force=force,
         )
 
     batch = parallel.make_global_batch(_local_batch(next(iterator), setup.batch_keys), mesh)
+    position["pending"] = iterator.get_state()
     t0 = time.perf_counter()
     compiled = setup.update.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
@@ -528,10 +533,12 @@ def train(
         for it in range(start, config.steps):
             state, metrics = compiled(state, batch)
             done = it + 1
+            position["saved"] = position["pending"]
             if done < config.steps:  # prepare the next batch while the update runs
                 batch = parallel.make_global_batch(
                     _local_batch(next(iterator), setup.batch_keys), mesh
                 )
+                position["pending"] = iterator.get_state()
             host = None
             if done % config.log.every == 0 or done == config.steps:
                 host = _host(metrics)

@@ -50,6 +50,14 @@ def _start(config_file: Path, workdir: Path, env: dict) -> subprocess.Popen:
     )
 
 
+def _last_iteration(metrics: Path) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+        return json.loads(lines[-1])["iteration"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _final(workdir: Path):
     cfg = config_lib.from_dict(
         config_lib.TrainConfig,
@@ -73,33 +81,33 @@ def test_sigkill_at_random_moments_then_resume_matches_a_clean_run(tmp_path):
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    t0 = time.monotonic()
     clean = _start(config_file, tmp_path / "clean", env)
-    out, err = clean.communicate(timeout=600)
+    _, err = clean.communicate(timeout=600)
     assert clean.returncode == 0, err[-3000:]
-    run_seconds = time.monotonic() - t0
 
+    # Kill at ten random moments spread over the run: once a random iteration has been logged,
+    # after a random delay (updates are a few ms and a checkpoint is saved every 2 iterations,
+    # so some kills land inside an asynchronous save).
     rng = np.random.default_rng(0)
     workdir = tmp_path / "killed"
-    kills = resumed_from = 0
-    while kills < KILLS:
+    metrics = workdir / "metrics.jsonl"
+    targets = [4 + 5 * k + int(rng.integers(0, 3)) for k in range(KILLS)]
+    resumed = 0
+    for target in targets:
         proc = _start(config_file, workdir, env)
-        try:
-            proc.wait(timeout=float(rng.uniform(0.2, 1.0) * run_seconds))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-            kills += 1
-            continue
-        finally:
-            _, err = proc.communicate()
-            resumed_from += "resumed from checkpoint" in err
-        assert proc.returncode == 0, err[-3000:]
-        break  # it finished before the kill came
+        deadline = time.monotonic() + 300
+        while _last_iteration(metrics) < target and proc.poll() is None:
+            assert time.monotonic() < deadline, "training made no progress"
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        resumed += "resumed from checkpoint" in err
     proc = _start(config_file, workdir, env)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert kills == KILLS and resumed_from >= 1
+    assert resumed + ("resumed from checkpoint" in err) >= KILLS - 1
 
     step_a, state_a, data_a = _final(tmp_path / "clean")
     step_b, state_b, data_b = _final(workdir)
