@@ -101,6 +101,21 @@ def _constrain(x: jax.Array, mesh, batch_axis: int) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
+def ppo_value_loss(values: jax.Array, mb: dict[str, jax.Array], ppo: PPOConfig) -> jax.Array:
+    """`value_loss` of `values` against `mb["returns"]`, clipped around `mb["old_values"]` on
+    `mb["mask"]`, with the loss type, clip radius and reduction of `ppo`."""
+    return value_loss(
+        values,
+        mb["old_values"],
+        mb["returns"],
+        mb["mask"],
+        clip_eps=ppo.clip_eps,
+        loss_type=ppo.loss_type,
+        huber_delta=ppo.huber_delta,
+        reduction=ppo.reduction,
+    )
+
+
 def make_update_fn(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -119,17 +134,7 @@ def make_update_fn(
 
     def minibatch_loss(params, mb, scale):
         values = apply(params, mb["tokens"], mb["attention_mask"])
-        loss = value_loss(
-            values,
-            mb["old_values"],
-            mb["returns"],
-            mb["mask"],
-            clip_eps=ppo.clip_eps,
-            loss_type=ppo.loss_type,
-            huber_delta=ppo.huber_delta,
-            reduction=ppo.reduction,
-        )
-        return loss * scale, values
+        return ppo_value_loss(values, mb, ppo) * scale, values
 
     grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 

@@ -28,11 +28,11 @@ import optax
 from _common import held_out, log, pyplot, run_critic, save_figure, write_csv
 from flax import nnx
 
-from critic_jax import compute_gae, masked_mean, parallel, value_loss
+from critic_jax import compute_gae, masked_mean, parallel
 from critic_jax import data as data_lib
 from critic_jax.config import TrainConfig, from_dict
 from critic_jax.models import ActorCritic, Critic
-from critic_jax.train import make_optimizer
+from critic_jax.train import make_optimizer, ppo_value_loss
 
 # A stream of MRP batches for pretraining, disjoint from the trainer's and the held-out ones.
 _PRETRAIN_STREAM = 2
@@ -125,15 +125,7 @@ def train_shared(config: TrainConfig, model: ActorCritic, *, lm_coef: float, lab
 
     def loss_fn(params, mb):
         logits, values = apply(params, mb["tokens"], mb["attention_mask"])
-        v_loss = value_loss(
-            values,
-            mb["old_values"],
-            mb["returns"],
-            mb["mask"],
-            clip_eps=ppo.clip_eps,
-            loss_type=ppo.loss_type,
-            reduction=ppo.reduction,
-        )
+        v_loss = ppo_value_loss(values, mb, ppo)
         return v_loss + lm_coef * next_token_loss(logits, mb["tokens"], mb["mask"]), v_loss
 
     @jax.jit
