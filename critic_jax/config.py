@@ -155,11 +155,16 @@ class TrainConfig:
         optimizer updates inside one jitted call.
       seed: seeds the model, the data order and the minibatch shuffles.
       workdir: metrics, TensorBoard events, checkpoints and `summary.json` go here.
+      init_from: a Hugging Face checkpoint directory to start the critic from: a reward model
+        (`...ForSequenceClassification`, trunk and score head), a critic
+        (`...ForTokenClassification`) or the actor (`...ForCausalLM`, trunk and a zero head). Its
+        `config.json` replaces the architecture in `model`; `model`'s dtypes and remat still apply.
     """
 
     steps: int = 400
     seed: int = 0
     workdir: str = "runs/default"
+    init_from: str | None = None
     model: ModelConfig = dataclasses.field(default_factory=_default_model)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)

@@ -39,7 +39,7 @@ from critic_jax.config import OptimConfig, PPOConfig, TrainConfig, to_dict
 from critic_jax.losses import value_loss
 from critic_jax.masking import masked_mean
 from critic_jax.metrics import explained_variance, value_metrics
-from critic_jax.models import Critic
+from critic_jax.models import Critic, config_from_hf, critic_from_hf
 
 BATCH_KEYS = ("tokens", "attention_mask", "mask", "rewards")
 
@@ -280,6 +280,8 @@ def build_model(config: TrainConfig, mesh: jax.sharding.Mesh, *, seed: int | Non
       (graphdef, params) with every parameter placed by `parallel.LOGICAL_AXIS_RULES`.
     """
     seed = config.seed if seed is None else seed
+    if config.init_from is not None:
+        config = with_checkpoint_model(config)
 
     def make_params():
         return nnx.state(Critic(config.model, rngs=nnx.Rngs(seed)), nnx.Param)
@@ -290,8 +292,41 @@ def build_model(config: TrainConfig, mesh: jax.sharding.Mesh, *, seed: int | Non
         if jax.tree.leaves(rest):
             raise ValueError(f"The critic has non-parameter state, unsupported. Received: {rest}")
         shardings = parallel.state_shardings(abs_params, mesh)
-        params = jax.jit(make_params, out_shardings=shardings)()
-    return graphdef, params
+        if config.init_from is None:
+            params = jax.jit(make_params, out_shardings=shardings)()
+            return graphdef, params
+    loaded = nnx.state(_load_critic(config), nnx.Param)
+    leaves = []
+    for (path, x), want, sharding in zip(
+        jax.tree_util.tree_leaves_with_path(loaded),
+        jax.tree.leaves(abs_params),
+        jax.tree.leaves(shardings),
+        strict=True,
+    ):
+        if x.shape != want.shape:
+            raise ValueError(
+                f"Parameter {jax.tree_util.keystr(path)} of {config.init_from} has shape "
+                f"{x.shape}, the model expects {want.shape}. Received: {config.init_from}"
+            )
+        leaves.append(_replicate(np.asarray(x, want.dtype), sharding))
+    return graphdef, jax.tree.unflatten(jax.tree.structure(abs_params), leaves)
+
+
+def _load_critic(config: TrainConfig) -> Critic:
+    m = config.model
+    return critic_from_hf(config.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def with_checkpoint_model(config: TrainConfig) -> TrainConfig:
+    """`config` with `model` taken from the `init_from` checkpoint's architecture."""
+    path = Path(config.init_from) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"Cannot read {path}: {e}. Received: init_from={config.init_from}") from e
+    m = config.model
+    model = config_from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    return dataclasses.replace(config, model=model)
 
 
 def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, TrainState]:
@@ -320,7 +355,7 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphD
 
 
 def _replicate(x, sharding: NamedSharding) -> jax.Array:
-    """Places a value that every process holds identically on all devices of the mesh."""
+    """Places a host value that every process holds identically onto `sharding`."""
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
@@ -483,6 +518,8 @@ def train(
     on_event = on_event or (lambda s: None)
     parallel.initialize_distributed()
     workdir = Path(config.workdir)
+    if config.init_from is not None:
+        config = with_checkpoint_model(config)
     mesh = parallel.make_mesh(config.mesh)
     config.check_mesh(mesh.size, jax.process_count())
 

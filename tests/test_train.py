@@ -193,3 +193,24 @@ def test_eval_fn_matches_numpy():
     want_ev = 1 - np.var(err) / np.var(true)
     np.testing.assert_allclose(got["explained_variance_vs_true"], want_ev, rtol=1e-3, atol=1e-4)
     assert jnp.isfinite(got["value_rmse"])
+
+
+def test_init_from_a_hugging_face_checkpoint(tmp_path):
+    from critic_jax.models import Critic, critic_to_hf
+
+    cfg = _config()
+    critic = Critic(dataclasses.replace(cfg.model, value_head_init="normal"), rngs=nnx.Rngs(7))
+    critic_to_hf(critic, tmp_path / "rm")
+    want = jax.device_get(nnx.state(critic, nnx.Param))
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = dataclasses.replace(
+        cfg, init_from=str(tmp_path / "rm"), model=ModelConfig.tiny(vocab_size=VOCAB)
+    )
+    _, state = train_lib.init_state(cfg, mesh)  # the checkpoint's width wins over `model`
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (
+        max(x.size // x.addressable_shards[0].data.size for x in jax.tree.leaves(state.params)) == 4
+    )
+    with pytest.raises(ValueError, match="Cannot read"):
+        train_lib.init_state(dataclasses.replace(cfg, init_from=str(tmp_path / "none")), mesh)
