@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from critic_jax.masking import _as_float, _check_same_shape, _check_unit_interval, _valid
 
-_METHODS = ("scan", "associative")
+GAE_METHODS = ("scan", "associative")
 
 
 def _coefficients(rewards, values, valid, gamma, lam):
@@ -140,8 +140,8 @@ def compute_gae(
       ValueError: on mismatched shapes, non-floating rewards/values, γ or λ outside [0, 1], or an
         unknown method.
     """
-    if method not in _METHODS:
-        raise ValueError(f"Unknown `method`; valid ones are {_METHODS}. Received: {method!r}.")
+    if method not in GAE_METHODS:
+        raise ValueError(f"Unknown `method`; valid ones are {GAE_METHODS}. Received: {method!r}.")
     shape = _check_same_shape(rewards=rewards, values=values, mask=mask)
     _check_unit_interval("gamma", gamma)
     _check_unit_interval("lam", lam)

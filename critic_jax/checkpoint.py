@@ -125,13 +125,6 @@ class Checkpointer:
             f"No checkpoint in {self.directory} could be restored:\n" + "\n".join(errors)
         )
 
-    def read_config(self, step: int) -> dict:
-        return dict(
-            self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-                "config"
-            ]
-        )
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

@@ -16,14 +16,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from critic_jax.advantages import GAE_METHODS
 from critic_jax.checkpoint import CheckpointConfig
 from critic_jax.data import DataConfig
+from critic_jax.losses import LOSS_TYPES, REDUCTIONS
 from critic_jax.models import ModelConfig
 from critic_jax.parallel import MeshConfig
-
-LOSS_TYPES = ("mse", "huber")
-REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-GAE_METHODS = ("scan", "associative")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,8 +8,8 @@ import optax
 
 from critic_jax.masking import _as_float, _check_same_shape, _is_concrete, _valid
 
-_LOSS_TYPES = ("mse", "huber")
-_REDUCTIONS = (
+LOSS_TYPES = ("mse", "huber")
+REDUCTIONS = (
     "token-mean",
     "seq-mean-token-mean",
     "seq-mean-token-sum",
@@ -37,21 +37,29 @@ def _pointwise(x: jax.Array, loss_type: str, huber_delta) -> jax.Array:
     return optax.huber_loss(x, delta=huber_delta)
 
 
+def reduction_denominator(mask: jax.typing.ArrayLike, reduction: str) -> jax.Array:
+    """What `reduction` divides the summed token losses of `mask` [..., T] by (before the
+    guard against 0): valid tokens, the constant T * rows, or rows with a valid token.
+
+    A trainer that splits a minibatch into micro-batches scales each micro-batch's loss by
+    `denominator(micro) / denominator(minibatch)`, so the sum is the minibatch's loss exactly.
+    """
+    valid = _valid(mask)
+    if reduction == "token-mean":
+        return jnp.sum(valid, dtype=jnp.float32)
+    if reduction == "seq-mean-token-sum-norm":
+        return jnp.float32(math.prod(valid.shape))
+    return jnp.sum(jnp.any(valid, axis=-1), dtype=jnp.float32)
+
+
 def _reduce(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
     """Reduces per-token `loss` [..., T] (0 at masked positions) to a scalar."""
-    length = loss.shape[-1]
-    rows = math.prod(loss.shape[:-1])
-    if reduction == "token-mean":
-        return jnp.sum(loss) / jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
-    if reduction == "seq-mean-token-sum-norm":
-        return jnp.sum(loss) / float(max(length * rows, 1))
-    row_sum = jnp.sum(loss, axis=-1)
-    row_count = jnp.sum(valid, axis=-1, dtype=jnp.float32)
     if reduction == "seq-mean-token-mean":
-        row_sum = row_sum / jnp.maximum(row_count, 1.0)
-    # Empty rows have row_sum == 0; they drop out of the mean through the row count.
-    nonempty = jnp.sum(row_count > 0, dtype=jnp.float32)
-    return jnp.sum(row_sum) / jnp.maximum(nonempty, 1.0)
+        row_count = jnp.sum(valid, axis=-1, dtype=jnp.float32)
+        total = jnp.sum(jnp.sum(loss, axis=-1) / jnp.maximum(row_count, 1.0))
+    else:  # empty rows add 0 to the sum and drop out of the seq-* denominators
+        total = jnp.sum(loss)
+    return total / jnp.maximum(reduction_denominator(valid, reduction), 1.0)
 
 
 def value_loss(
@@ -100,8 +108,8 @@ def value_loss(
         `reduction`, a negative `clip_eps`, a non-positive `huber_delta`, or `old_values=None`
         with clipping on.
     """
-    _check_option("loss_type", loss_type, _LOSS_TYPES)
-    _check_option("reduction", reduction, _REDUCTIONS)
+    _check_option("loss_type", loss_type, LOSS_TYPES)
+    _check_option("reduction", reduction, REDUCTIONS)
     _check_positive("clip_eps", clip_eps, allow_zero=True)
     _check_positive("huber_delta", huber_delta, allow_zero=False)
     if clip_eps is not None and old_values is None:

@@ -120,19 +120,6 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None]) -> PartitionSpec:
-    """Maps a tuple of logical axis names to a mesh `PartitionSpec` by `LOGICAL_AXIS_RULES`."""
-    rules = dict(LOGICAL_AXIS_RULES)
-    out = []
-    for name in logical:
-        if name is not None and name not in rules:
-            raise ValueError(
-                f"Unknown logical axis name {name!r}; known: {sorted(rules)}. Received: {logical}"
-            )
-        out.append(None if name is None else rules[name])
-    return PartitionSpec(*out)
-
-
 def state_shardings(state: Any, mesh: Mesh) -> Any:
     """NamedShardings for an `nnx.State` (or module) by the logical names on its variables."""
     with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):

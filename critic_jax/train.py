@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from critic_jax import parallel
 from critic_jax.advantages import compute_gae
 from critic_jax.checkpoint import Checkpointer, abstract_like
 from critic_jax.config import OptimConfig, PPOConfig, TrainConfig, to_dict
-from critic_jax.losses import value_loss
+from critic_jax.losses import reduction_denominator, value_loss
 from critic_jax.masking import masked_mean
 from critic_jax.metrics import explained_variance, value_metrics
 from critic_jax.models import Critic, config_from_hf, critic_from_hf
@@ -84,17 +83,6 @@ def make_optimizer(config: OptimConfig, total_updates: int) -> optax.GradientTra
     return optax.apply_if_finite(chain, max_consecutive_errors=2**31 - 1)
 
 
-def _normaliser(mask: jax.Array, reduction: str) -> jax.Array:
-    """The denominator `reduction` divides by, so micro-batch losses can be rescaled to the
-    whole minibatch's normalisation (sum over micro-batches == the minibatch loss)."""
-    valid = mask != 0
-    if reduction == "token-mean":
-        return valid.sum().astype(jnp.float32)
-    if reduction == "seq-mean-token-sum-norm":
-        return jnp.float32(math.prod(mask.shape[:-1]))
-    return valid.any(-1).sum().astype(jnp.float32)
-
-
 def _constrain(x: jax.Array, mesh, batch_axis: int) -> jax.Array:
     spec = [None] * x.ndim
     spec[batch_axis] = parallel.BATCH_AXES
@@ -140,7 +128,7 @@ def make_update_fn(
 
     def minibatch_step(carry, mb):
         params, opt_state = carry
-        total = _normaliser(mb["mask"], ppo.reduction)
+        total = reduction_denominator(mb["mask"], ppo.reduction)
         micro = jax.tree.map(
             lambda x: _constrain(
                 x.reshape(ppo.micro_batches, x.shape[0] // ppo.micro_batches, *x.shape[1:]),
@@ -152,7 +140,9 @@ def make_update_fn(
 
         def micro_step(acc, m):
             grads_acc, loss_acc = acc
-            scale = jnp.where(total > 0, _normaliser(m["mask"], ppo.reduction) / total, 0.0)
+            scale = jnp.where(
+                total > 0, reduction_denominator(m["mask"], ppo.reduction) / total, 0.0
+            )
             (loss, values), grads = grad_fn(params, m, scale)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, loss_acc + loss), values
@@ -535,7 +525,7 @@ def train(
     ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint)
     start = 0
     if config.checkpoint.restore and (
-        ckpt.latest_step() is not None or config.checkpoint.restore_step
+        ckpt.latest_step() is not None or config.checkpoint.restore_step is not None
     ):
         step, tree, data_state = ckpt.restore(
             abstract_like(to_checkpoint_tree(state)), config.checkpoint.restore_step
@@ -547,21 +537,17 @@ def train(
     writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_iteration=start)
     held_out = _held_out(config, mesh)
 
-    # The iterator's position just after the batch of the last finished update: what a
-    # checkpoint must store, since the loop fetches one batch ahead.
-    position = {"saved": iterator.get_state(), "pending": None}
+    # A checkpoint stores the iterator's position just after the batch of the last finished
+    # update (`position`), not its current one: the loop fetches one batch ahead (`ahead`).
+    position = iterator.get_state()
 
     def save(it: int, force: bool = False):
         ckpt.save(
-            it,
-            to_checkpoint_tree(state),
-            data_state=position["saved"],
-            config=to_dict(config),
-            force=force,
+            it, to_checkpoint_tree(state), data_state=position, config=to_dict(config), force=force
         )
 
     batch = parallel.make_global_batch(_local_batch(next(iterator), setup.batch_keys), mesh)
-    position["pending"] = iterator.get_state()
+    ahead = iterator.get_state()
     t0 = time.perf_counter()
     compiled = setup.update.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
@@ -575,12 +561,12 @@ def train(
         for it in range(start, config.steps):
             state, metrics = compiled(state, batch)
             done = it + 1
-            position["saved"] = position["pending"]
+            position = ahead
             if done < config.steps:  # prepare the next batch while the update runs
                 batch = parallel.make_global_batch(
                     _local_batch(next(iterator), setup.batch_keys), mesh
                 )
-                position["pending"] = iterator.get_state()
+                ahead = iterator.get_state()
             host = None
             if done % config.log.every == 0 or done == config.steps:
                 host = _host(metrics)
