@@ -170,8 +170,9 @@ def test_causal_lm_parity(family, tied, tmp_path):
     assert np.abs(np.asarray(_apply(fresh, tokens)[:, 1:])).min() > 0
 
 
+@pytest.mark.parametrize("block", [0, 3])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_parity(side, tmp_path):
+def test_padded_parity(side, block, tmp_path):
     model, path = _hf_model("Qwen2", "ForTokenClassification", tmp_path)
     tokens = _tokens(3)
     mask = np.ones((B, T), np.int32)
@@ -181,7 +182,12 @@ def test_padded_parity(side, tmp_path):
         mask[0, -3:] = 0
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     want = _np(_torch_run(model, tokens, mask, positions).logits)[..., 0]
-    got = _outputs(critic_from_hf(path), tokens, mask)[1]
+    critic = critic_from_hf(path)
+    # Query blocks of 3 over T = 9 skip the causal upper triangle; 0 computes every score.
+    config = dataclasses.replace(critic.config, attention_block_size=block)
+    blocked = nnx.eval_shape(lambda: Critic(config, rngs=nnx.Rngs(0)))
+    nnx.update(blocked, nnx.state(critic))
+    got = _outputs(blocked, tokens, mask)[1]
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-4, rtol=1e-4)
 

@@ -218,6 +218,35 @@ def test_remat_gives_the_same_gradients(critic):
     assert float(jnp.abs(want["backbone"]["embed"][...]).max()) > 0
 
 
+@pytest.mark.parametrize("block", [2, 5])
+def test_block_causal_attention_equals_full_attention(critic, block):
+    """Query blocks that skip the causal upper triangle give the full T x T attention's values
+    and gradients, with left padding, right padding and holes in the attention mask."""
+    graphdef, params = nnx.split(critic, nnx.Param)
+    assert CONFIG.attention_block_size >= T  # the fixture computes all T x T scores
+    blocked = dataclasses.replace(CONFIG, attention_block_size=block)
+    blocked_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Critic(blocked, rngs=nnx.Rngs(0))))
+    tokens = _tokens(9)
+    attention_mask = np.ones((B, T), np.int32)
+    attention_mask[0, :3] = 0  # left padding
+    attention_mask[1, -4:] = 0  # right padding
+    attention_mask[2, [2, 5, 6]] = 0  # holes
+
+    def loss(params, graphdef):
+        values = nnx.merge(graphdef, params)(tokens, attention_mask)
+        return jnp.sum(jnp.where(attention_mask != 0, values, 0.0) ** 2), values
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, want_values), want_grads = run(params, graphdef)
+    (_, got_values), got_grads = run(params, blocked_graphdef)
+    real = attention_mask != 0
+    np.testing.assert_allclose(
+        np.asarray(got_values)[real], np.asarray(want_values)[real], rtol=1e-5, atol=1e-6
+    )
+    assert np.all(np.isfinite(np.asarray(got_values)))
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- actor-critic
 
 

@@ -54,6 +54,11 @@ class ModelConfig:
       dtype: compute dtype, one of "float32", "bfloat16", "float16".
       param_dtype: storage dtype of the parameters, same choices.
       remat: recompute each block's activations in the backward pass (`nnx.remat`).
+      attention_block_size: queries are processed in blocks of this many positions, each block
+        against the keys up to its own end only, so the causal upper triangle is never computed
+        (~40% fewer attention FLOPs at 4 blocks) and the scores stay cache-sized. 0, or a
+        sequence not longer than one block or not a multiple of it, computes all T x T scores.
+        The result is the same either way (up to float rounding).
       value_head_init: "zeros" (V = 0 at step 0) or "normal" (std 1 / (d_model + 1)).
       init_std: std of the normal initialiser of the backbone's matrices.
     """
@@ -77,6 +82,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_block_size: int = 128
     value_head_init: str = "zeros"
     init_std: float = 0.02
 
@@ -102,6 +108,11 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(
                 f"model.head_dim must be even (rotary pairs). Received: {self.head_dim}"
+            )
+        if not isinstance(self.attention_block_size, int) or self.attention_block_size < 0:
+            raise ValueError(
+                "model.attention_block_size must be a non-negative integer. "
+                f"Received: {self.attention_block_size!r}"
             )
         for name in ("rms_norm_eps", "rope_theta", "rope_factor", "init_std"):
             value = getattr(self, name)
@@ -209,6 +220,40 @@ def _rotate(x_bthk: jax.Array, cos_btk: jax.Array, sin_btk: jax.Array) -> jax.Ar
     return out.astype(x_bthk.dtype)
 
 
+def _attend(
+    q_bgrth: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, valid_bts: jax.Array
+) -> jax.Array:
+    """Softmax attention of pre-scaled queries [B, K, R, Tq, H] over keys/values [B, K, S, H].
+
+    `valid_bts` [B, Tq, S] says which keys each query may read. The probabilities are left
+    unnormalised (exp(s - max)) through the value product and the [.., Tq, H] output is divided
+    by their sum afterwards, which touches Tq x H numbers instead of Tq x S. The scores, max and
+    sum are float32; the two products run in the inputs' dtype.
+    """
+    b, g, r, tq, h = q_bgrth.shape
+    scores_bgqs = jnp.einsum(
+        "bgqh,bgsh->bgqs",
+        q_bgrth.reshape(b, g, r * tq, h),
+        k_bgsh,
+        preferred_element_type=jnp.float32,
+    )
+    scores_bgrts = scores_bgqs.reshape(b, g, r, tq, -1)
+    # A finite fill keeps rows with no valid key (left padding) NaN-free.
+    scores_bgrts = jnp.where(valid_bts[:, None, None], scores_bgrts, -1e30)
+    # Shifting by the row max changes nothing mathematically, so it carries no gradient.
+    shift_bgrt1 = jax.lax.stop_gradient(jnp.max(scores_bgrts, axis=-1, keepdims=True))
+    weights_bgrts = jnp.exp(scores_bgrts - shift_bgrt1)
+    total_bgrt1 = jnp.sum(weights_bgrts, axis=-1, keepdims=True)
+    out_bgqh = jnp.einsum(
+        "bgqs,bgsh->bgqh",
+        weights_bgrts.astype(v_bgsh.dtype).reshape(b, g, r * tq, -1),
+        v_bgsh,
+        preferred_element_type=jnp.float32,
+    )
+    out_bgrth = out_bgqh.reshape(b, g, r, tq, h) / total_bgrt1
+    return out_bgrth.astype(v_bgsh.dtype)
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x²) + eps) · scale, normalised in float32."""
 
@@ -272,18 +317,28 @@ class Attention(nnx.Module):
         # (b, g): on CPU this layout runs ~1.5-1.8x faster than 5-D einsums over (t, g, r).
         b, t, n, h = q_btnh.shape
         g = c.num_kv_heads
-        q_bgqh = q_btnh.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4).reshape(b, g, -1, h)
+        q_bgrth = q_btnh.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
+        q_bgrth = q_bgrth * np.asarray(1.0 / math.sqrt(h), dt)
         k_bgsh = k_bsgh.transpose(0, 2, 1, 3)
         v_bgsh = v_bsgh.transpose(0, 2, 1, 3)
-        scores_bgqs = jnp.einsum(
-            "bgqh,bgsh->bgqs", q_bgqh, k_bgsh, preferred_element_type=jnp.float32
-        ) / np.float32(math.sqrt(h))
-        scores_bgrts = scores_bgqs.reshape(b, g, n // g, t, -1)
-        # A finite fill keeps rows with no valid key (left padding) NaN-free.
-        scores_bgrts = jnp.where(valid_bts[:, None, None], scores_bgrts, -1e30)
-        probs_bgqs = jax.nn.softmax(scores_bgrts, axis=-1).astype(dt).reshape(b, g, -1, t)
-        out_bgqh = jnp.einsum("bgqs,bgsh->bgqh", probs_bgqs, v_bgsh)
-        out_btnh = out_bgqh.reshape(b, g, n // g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        block = c.attention_block_size
+        if block and t > block and t % block == 0:
+            # Query block [lo, hi) sees keys [0, hi) only: the rest is masked by causality.
+            out_bgrth = jnp.concatenate(
+                [
+                    _attend(
+                        q_bgrth[:, :, :, lo : lo + block],
+                        k_bgsh[:, :, : lo + block],
+                        v_bgsh[:, :, : lo + block],
+                        valid_bts[:, lo : lo + block, : lo + block],
+                    )
+                    for lo in range(0, t, block)
+                ],
+                axis=3,
+            )
+        else:
+            out_bgrth = _attend(q_bgrth, k_bgsh, v_bgsh, valid_bts)
+        out_btnh = out_bgrth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
         return jnp.einsum("btnh,nhd->btd", out_btnh, self.o[...].astype(dt))
 
 
