@@ -1,14 +1,20 @@
-"""Critic train-step throughput: critic_jax against a PyTorch reference, measured in one run.
+"""Critic train-step throughput: critic_jax's update against a PyTorch reference, in one run.
 
 Both sides take one optimizer step on the same problem: a Llama critic (hidden 256, 4 layers,
 4 heads, MLP 688, vocab 32000), a batch of 8 x 512 tokens, float32, the clipped masked value loss
-and AdamW. The PyTorch side is transformers' `LlamaModel` + `Linear(hidden, 1)`; the JAX side is
-`critic_jax.models.Critic` + `critic_jax.value_loss` + optax AdamW under one `jax.jit` with the
-state donated. Also measured here: the float32 matmul peak of each framework on this machine (a
-2048 x 2048 matmul), the model's training FLOPs per token, the fraction of the peak each step
-reaches, and the compile time of the first JAX step.
+and AdamW. The JAX side is the trainer's own jitted update (`critic_jax.train.make_update_fn`:
+GAE, the loss, gradient-norm clipping, AdamW with its schedule, the non-finite guard, the state
+donated) with one optimizer step per call, once with the minibatch in one piece and once split
+into micro-batches of one sequence (gradient accumulation inside the jit: the same gradient). The
+PyTorch side is transformers' `LlamaModel` (SDPA attention) + `Linear(hidden, 1)` +
+`torch.optim.AdamW`, the reference being the whole batch in one piece; the same split into
+micro-batches is timed too, so both frameworks get the same trick. Also measured: each
+framework's float32 matmul peak on this machine (a 2048 x 2048 matmul), the model's training
+FLOPs per token, the fraction of the peak each step reaches, and the compile time of the first
+JAX update. The implementations are timed in alternating rounds, so a change in the machine's
+load hits all of them alike.
 
-    python experiments/bench_train_step.py [--batch 8] [--seq 512] [--repeats 5]
+    python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 5]
 
 Writes experiments/results/bench_train_step.{csv,md}.
 """
@@ -20,16 +26,18 @@ import csv
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-import critic_jax
-from critic_jax.models import Critic, ModelConfig
+from critic_jax import parallel
+from critic_jax.config import PPOConfig, TrainConfig
+from critic_jax.data import DataConfig
+from critic_jax.models import ModelConfig
+from critic_jax.train import init_state, make_setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,63 +68,56 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 3 * 2 * cfg.num_layers * (proj + mlp + attn)
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def jax_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def jax_matmul(n: int = 2048) -> Callable[[], None]:
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    t = timeit(lambda: f(a).block_until_ready(), repeats)
-    return 2 * n**3 / t
+    return lambda: f(a).block_until_ready()
 
 
-def jax_step(cfg: ModelConfig, batch: int, seq: int, repeats: int):
-    critic = Critic(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(critic, nnx.Param)
-    tx = optax.adamw(1e-4)
-    opt_state = tx.init(params)
+def jax_update(cfg: ModelConfig, batch: int, seq: int, micro: int):
+    """The trainer's update for one optimizer step; returns (step function, compile seconds)."""
+    config = TrainConfig(
+        steps=1000,
+        model=cfg,
+        ppo=PPOConfig(
+            minibatch_size=batch, micro_batches=micro, ppo_epochs=1, use_rollout_old_values=True
+        ),
+        data=DataConfig(batch_size=batch),
+    )
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    graphdef, state = init_state(config, mesh)
+    setup = make_setup(config, mesh, state, graphdef)
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
-    mask = jnp.ones((batch, seq), jnp.float32)
-    old = jnp.asarray(rng.normal(size=(batch, seq)), jnp.float32)
-    ret = jnp.asarray(rng.normal(size=(batch, seq)), jnp.float32)
-
-    def loss_fn(p):
-        values = nnx.merge(graphdef, p)(tokens)
-        return critic_jax.value_loss(values, old, ret, mask, clip_eps=0.2)
-
-    def step(p, o):
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        updates, o = tx.update(g, o, p)
-        return optax.apply_updates(p, updates), o, loss
-
-    step = jax.jit(step, donate_argnums=(0, 1))
+    local = {
+        "tokens": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
+        "attention_mask": np.ones((batch, seq), np.int32),
+        "mask": np.ones((batch, seq), np.float32),
+        "rewards": rng.normal(size=(batch, seq)).astype(np.float32) * 0.1,
+        "old_values": rng.normal(size=(batch, seq)).astype(np.float32),
+    }
+    data = parallel.make_global_batch(local, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state).compile()
+    compiled = setup.update.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
-    state = [params, opt_state]
+    holder = [state]
 
     def run():
-        p, o, loss = compiled(*state)
-        loss.block_until_ready()
-        state[:] = [p, o]
+        new_state, metrics = compiled(holder[0], data)
+        metrics["loss"].block_until_ready()
+        holder[0] = new_state
 
-    return timeit(run, repeats), compile_s
+    run.compiled = compiled
+    return run, compile_s
 
 
-def torch_step(batch: int, seq: int, repeats: int):
+def torch_update(batch: int, seq: int, micro: int):
+    """transformers LlamaModel + linear head + the clipped masked loss + AdamW, one step; the
+    batch split into `micro` accumulated chunks. None when torch/transformers are missing."""
     try:
         import torch
         from transformers import LlamaConfig, LlamaModel
     except ImportError:
-        return None, None
+        return None
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=32000,
@@ -138,58 +139,89 @@ def torch_step(batch: int, seq: int, repeats: int):
     ret = torch.randn(batch, seq)
 
     def run():
-        values = head(body(tokens).last_hidden_state).squeeze(-1)
-        vc = old + (values - old).clamp(-0.2, 0.2)
-        loss = torch.max((vc - ret) ** 2, (values - ret) ** 2)
-        loss = 0.5 * ((loss * mask).sum(-1) / mask.sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for rows in torch.arange(batch).chunk(micro):
+            values = head(body(tokens[rows]).last_hidden_state).squeeze(-1)
+            vc = old[rows] + (values - old[rows]).clamp(-0.2, 0.2)
+            loss = torch.max((vc - ret[rows]) ** 2, (values - ret[rows]) ** 2)
+            m = mask[rows]
+            loss = 0.5 * ((loss * m).sum(-1) / m.sum(-1)).sum() / batch
+            loss.backward()
         opt.step()
 
-    a = torch.randn(2048, 2048)
-    peak = 2 * 2048**3 / timeit(lambda: a @ a, repeats)
-    return timeit(run, repeats), peak
+    return run
+
+
+def torch_matmul(n: int = 2048) -> Callable[[], None] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    a = torch.randn(n, n)
+    return lambda: a @ a
+
+
+def alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds."""
+    for fn in fns.values():
+        fn()  # warm up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=8, help="micro-batches of the split rows")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     cfg = model_config()
     tokens = args.batch * args.seq
     fpt = flops_per_token(cfg, args.seq)
     print(f"devices: {jax.devices()}  model FLOPs/token (train): {fpt / 1e6:.1f} M")
-    peak = jax_matmul_peak()
-    print(f"JAX float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
-    t_jax, compile_s = jax_step(cfg, args.batch, args.seq, args.repeats)
-    print(f"JAX step: {t_jax * 1e3:.0f} ms  (compile {compile_s:.1f} s)")
-    t_torch, torch_peak = torch_step(args.batch, args.seq, args.repeats)
-    rows = [
-        {
-            "impl": "critic_jax (jit, donated)",
-            "ms_per_step": t_jax * 1e3,
-            "tokens_per_s": tokens / t_jax,
-            "gflops": fpt * tokens / t_jax / 1e9,
-            "matmul_peak_gflops": peak / 1e9,
-            "fraction_of_peak": fpt * tokens / t_jax / peak,
+    # Both matmul peaks in alternating rounds, before anything else runs.
+    matmuls = {"jax": jax_matmul(), "torch": torch_matmul()}
+    matmuls = {name: fn for name, fn in matmuls.items() if fn is not None}
+    peaks = {name: 2 * 2048**3 / t for name, t in alternate(matmuls, 2 * args.repeats).items()}
+    peak = peaks["jax"]
+    print(f"float32 matmul peaks (GFLOP/s): { {k: round(v / 1e9) for k, v in peaks.items()} }")
+    impls: dict[str, tuple[Callable[[], None], float, float]] = {}
+    for micro in (1, args.micro):
+        run, compile_s = jax_update(cfg, args.batch, args.seq, micro)
+        impls[f"critic_jax update, {micro} micro-batch(es)"] = (run, peak, compile_s)
+        print(f"compiled the update with {micro} micro-batch(es) in {compile_s:.1f} s")
+    reference = "PyTorch + transformers, whole batch (reference)"
+    torch_whole = torch_update(args.batch, args.seq, 1)
+    if torch_whole is not None:
+        torch_peak = peaks["torch"]
+        impls[reference] = (torch_whole, torch_peak, 0.0)
+        impls[f"PyTorch + transformers, {args.micro} micro-batches"] = (
+            torch_update(args.batch, args.seq, args.micro),
+            torch_peak,
+            0.0,
+        )
+    seconds = alternate({name: fn for name, (fn, _, _) in impls.items()}, args.repeats)
+    rows = []
+    for name, (_, impl_peak, compile_s) in impls.items():
+        t = seconds[name]
+        row = {
+            "impl": name,
+            "ms_per_step": t * 1e3,
+            "tokens_per_s": tokens / t,
+            "gflops": fpt * tokens / t / 1e9,
+            "matmul_peak_gflops": impl_peak / 1e9,
+            "fraction_of_peak": fpt * tokens / t / impl_peak,
             "compile_s": compile_s,
         }
-    ]
-    if t_torch is not None:
-        rows.append(
-            {
-                "impl": "PyTorch + transformers LlamaModel",
-                "ms_per_step": t_torch * 1e3,
-                "tokens_per_s": tokens / t_torch,
-                "gflops": fpt * tokens / t_torch / 1e9,
-                "matmul_peak_gflops": torch_peak / 1e9,
-                "fraction_of_peak": fpt * tokens / t_torch / torch_peak,
-                "compile_s": 0.0,
-            }
-        )
-        rows[0]["speedup_vs_torch"] = t_torch / t_jax
+        if reference in seconds:
+            row["speedup_vs_reference"] = seconds[reference] / t
+        rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
     with open(RESULTS / "bench_train_step.csv", "w", newline="") as f:
