@@ -106,34 +106,36 @@ def jax_update(cfg: ModelConfig, batch: int, seq: int, micro: int):
         metrics["loss"].block_until_ready()
         holder[0] = new_state
 
-    run.compiled = compiled
     return run, compile_s
 
 
-def torch_update(batch: int, seq: int, micro: int):
-    """transformers LlamaModel + linear head + the clipped masked loss + AdamW, one step; the
-    batch split into `micro` accumulated chunks. None when torch/transformers are missing."""
+def torch_update(cfg: ModelConfig, batch: int, seq: int, micro: int):
+    """transformers LlamaModel of the same shape as `cfg` + linear head + the clipped masked loss
+    + AdamW, one step; the batch split into `micro` accumulated chunks. None when torch or
+    transformers are missing."""
     try:
         import torch
         from transformers import LlamaConfig, LlamaModel
     except ImportError:
         return None
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=seq,
-        attn_implementation="sdpa",
+    body = LlamaModel(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.mlp_dim,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=seq,
+            attn_implementation="sdpa",
+        )
     )
-    body = LlamaModel(cfg)
-    head = torch.nn.Linear(256, 1)
+    head = torch.nn.Linear(cfg.d_model, 1)
     params = list(body.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
-    tokens = torch.randint(0, 32000, (batch, seq))
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
     mask = torch.ones(batch, seq)
     old = torch.randn(batch, seq)
     ret = torch.randn(batch, seq)
@@ -197,12 +199,12 @@ def main():
         impls[f"critic_jax update, {micro} micro-batch(es)"] = (run, peak, compile_s)
         print(f"compiled the update with {micro} micro-batch(es) in {compile_s:.1f} s")
     reference = "PyTorch + transformers, whole batch (reference)"
-    torch_whole = torch_update(args.batch, args.seq, 1)
+    torch_whole = torch_update(cfg, args.batch, args.seq, 1)
     if torch_whole is not None:
         torch_peak = peaks["torch"]
         impls[reference] = (torch_whole, torch_peak, 0.0)
         impls[f"PyTorch + transformers, {args.micro} micro-batches"] = (
-            torch_update(args.batch, args.seq, args.micro),
+            torch_update(cfg, args.batch, args.seq, args.micro),
             torch_peak,
             0.0,
         )

@@ -65,14 +65,18 @@ def with_garbage(rng, x, mask):
 # ----------------------------------------------------------------------------- advantages
 
 
+def _bootstrap_rows(bootstrap_value, shape):
+    """The value after each row's last valid step, one per row (0 when None)."""
+    if bootstrap_value is None:
+        return np.zeros(math.prod(shape[:-1]))
+    return np.broadcast_to(np.asarray(bootstrap_value, np.float64), shape[:-1]).reshape(-1)
+
+
 def gae(rewards, values, mask, *, gamma, lam, bootstrap_value=None):
     """Skip-mask GAE: masked positions are jumped over and get A = returns = 0."""
     shape = np.shape(rewards)
     r, v, m = _rows(rewards), _rows(values), _valid_rows(mask)
-    if bootstrap_value is None:
-        boot = np.zeros(r.shape[0])
-    else:
-        boot = np.broadcast_to(np.asarray(bootstrap_value, np.float64), shape[:-1]).reshape(-1)
+    boot = _bootstrap_rows(bootstrap_value, shape)
     adv = np.zeros_like(r)
     ret = np.zeros_like(r)
     for i in range(r.shape[0]):
@@ -90,10 +94,7 @@ def gae(rewards, values, mask, *, gamma, lam, bootstrap_value=None):
 def td_errors(rewards, values, mask, *, gamma, bootstrap_value=None):
     shape = np.shape(rewards)
     r, v, m = _rows(rewards), _rows(values), _valid_rows(mask)
-    if bootstrap_value is None:
-        boot = np.zeros(r.shape[0])
-    else:
-        boot = np.broadcast_to(np.asarray(bootstrap_value, np.float64), shape[:-1]).reshape(-1)
+    boot = _bootstrap_rows(bootstrap_value, shape)
     out = np.zeros_like(r)
     for i in range(r.shape[0]):
         valid = [t for t in range(r.shape[1]) if m[i, t]]

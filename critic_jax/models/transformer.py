@@ -56,7 +56,7 @@ class ModelConfig:
       remat: recompute each block's activations in the backward pass (`nnx.remat`).
       attention_block_size: queries are processed in blocks of this many positions, each block
         against the keys up to its own end only, so the causal upper triangle is never computed
-        (~40% fewer attention FLOPs at 4 blocks) and the scores stay cache-sized. 0, or a
+        (37.5% fewer attention FLOPs at 4 blocks) and the scores stay cache-sized. 0, or a
         sequence not longer than one block or not a multiple of it, computes all T x T scores.
         The result is the same either way (up to float rounding).
       value_head_init: "zeros" (V = 0 at step 0) or "normal" (std 1 / (d_model + 1)).
