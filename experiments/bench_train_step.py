@@ -11,12 +11,14 @@ PyTorch side is transformers' `LlamaModel` (SDPA attention) + `Linear(hidden, 1)
 micro-batches is timed too, so both frameworks get the same trick. Also measured: each
 framework's float32 matmul peak on this machine (a 2048 x 2048 matmul), the model's training
 FLOPs per token, the fraction of the peak each step reaches, and the compile time of the first
-JAX update. The implementations are timed in alternating rounds, so a change in the machine's
-load hits all of them alike.
+JAX update. A last row, the matmul floor, runs only the update's matrix products (the same
+shapes, micro-batches and backward, with no norm, softmax, rope, loss or optimizer): the time no
+implementation of this step can beat on this machine. The implementations are timed in
+alternating rounds, so a change in the machine's load hits all of them alike.
 
     python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 5]
 
-Writes experiments/results/bench_train_step.{csv,md}.
+Writes bench_train_step.{csv,md} to experiments/results/ (or `--results DIR`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,68 @@ def jax_update(cfg: ModelConfig, batch: int, seq: int, micro: int):
     return run, compile_s
 
 
+def jax_matmul_floor(cfg: ModelConfig, batch: int, seq: int, micro: int) -> Callable[[], None]:
+    """The update's matmuls alone: per micro-batch, the forward and backward of every layer's
+    q/k/v/o projections, block-causal attention products and SwiGLU MLP with the nonlinearities,
+    norms and softmax left out (only the gate * up product and the residual adds remain), the
+    gradients accumulated over micro-batches as in the trainer. No loss, GAE or optimizer."""
+    d, n, g, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    block = cfg.attention_block_size or seq
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return jnp.asarray(rng.normal(size=shape) * 0.02, jnp.float32)
+
+    layers = [
+        {
+            "q": weight(d, n, hd),
+            "k": weight(d, g, hd),
+            "v": weight(d, g, hd),
+            "o": weight(n, hd, d),
+            "gate": weight(d, f),
+            "up": weight(d, f),
+            "down": weight(f, d),
+        }
+        for _ in range(cfg.num_layers)
+    ]
+
+    def layer(p, x_btd):
+        q_bnth = jnp.einsum("btd,dnh->bnth", x_btd, p["q"])
+        k_bnsh = jnp.repeat(jnp.einsum("btd,dgh->bgth", x_btd, p["k"]), n // g, axis=1)
+        v_bnsh = jnp.repeat(jnp.einsum("btd,dgh->bgth", x_btd, p["v"]), n // g, axis=1)
+        out_bnth = jnp.concatenate(
+            [
+                jnp.einsum(
+                    "bnqs,bnsh->bnqh",
+                    jnp.einsum(
+                        "bnqh,bnsh->bnqs", q_bnth[:, :, lo : lo + block], k_bnsh[:, :, : lo + block]
+                    ),
+                    v_bnsh[:, :, : lo + block],
+                )
+                for lo in range(0, seq, block)
+            ],
+            axis=2,
+        )
+        x_btd = x_btd + jnp.einsum("bnth,nhd->btd", out_bnth, p["o"])
+        return x_btd + ((x_btd @ p["gate"]) * (x_btd @ p["up"])) @ p["down"]
+
+    def loss(params, x_btd):
+        for p in params:
+            x_btd = layer(p, x_btd)
+        return jnp.sum(x_btd)
+
+    @jax.jit
+    def step(params, x_mbtd):
+        def accumulate(acc, x_btd):
+            return jax.tree.map(jnp.add, acc, jax.grad(loss)(params, x_btd)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return jax.lax.scan(accumulate, zeros, x_mbtd)[0]
+
+    x = jnp.asarray(rng.normal(size=(micro, batch // micro, seq, d)), jnp.float32)
+    return lambda: jax.block_until_ready(step(layers, x))
+
+
 def torch_update(cfg: ModelConfig, batch: int, seq: int, micro: int):
     """transformers LlamaModel of the same shape as `cfg` + linear head + the clipped masked loss
     + AdamW, one step; the batch split into `micro` accumulated chunks. None when torch or
@@ -182,6 +246,7 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro", type=int, default=8, help="micro-batches of the split rows")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the tables go")
     args = ap.parse_args()
     cfg = model_config()
     tokens = args.batch * args.seq
@@ -208,6 +273,11 @@ def main():
             torch_peak,
             0.0,
         )
+    impls[f"matmul floor: the update's matmuls alone, {args.micro} micro-batches"] = (
+        jax_matmul_floor(cfg, args.batch, args.seq, args.micro),
+        peak,
+        0.0,
+    )
     seconds = alternate({name: fn for name, (fn, _, _) in impls.items()}, args.repeats)
     rows = []
     for name, (_, impl_peak, compile_s) in impls.items():
@@ -224,10 +294,10 @@ def main():
         if reference in seconds:
             row["speedup_vs_reference"] = seconds[reference] / t
         rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
-    with open(RESULTS / "bench_train_step.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+    with open(args.results / "bench_train_step.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -241,7 +311,7 @@ def main():
             + " |"
         )
     table = "\n".join(lines)
-    (RESULTS / "bench_train_step.md").write_text(table + "\n")
+    (args.results / "bench_train_step.md").write_text(table + "\n")
     print(table)
 
 
