@@ -16,10 +16,11 @@ hits them alike. Reports the median over `--repeats` calls (fewer for the slow h
 
     python experiments/bench_gae.py [--shapes 64x1024,16x8192] [--repeats 20]
 
-Writes experiments/results/bench_gae.csv and experiments/results/bench_gae.md.
+Writes bench_gae.csv and bench_gae.md to experiments/results/ (or `--results DIR`).
 """
 
 import argparse
+import csv
 import functools
 import os
 import platform
@@ -260,16 +261,15 @@ def run(shapes, repeats):
     return rows_out
 
 
-def _write(rows_out, command):
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def _write(rows_out, command, results: Path = RESULTS):
+    results.mkdir(parents=True, exist_ok=True)
     keys = list(rows_out[0])
-    with open(RESULTS / "bench_gae.csv", "w") as f:
-        f.write(",".join(keys) + "\n")
-        for row in rows_out:
-            f.write(
-                ",".join(str(row[k]) if isinstance(row[k], str) else f"{row[k]:.6g}" for k in keys)
-            )
-            f.write("\n")
+    with open(results / "bench_gae.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(
+            {k: v if isinstance(v, str) else f"{v:.6g}" for k, v in row.items()} for row in rows_out
+        )
     header = (
         "| shape | method | median ms | best ms | Mtok/s | speedup vs rlax | vs numpy | vs torch "
         "| x memory floor |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
@@ -292,7 +292,7 @@ def _write(rows_out, command):
         "arrays, timed in the same run. Speedups, Mtok/s and x floor use the medians; `best` "
         "is the fastest call.\n\n" + header + "\n".join(lines) + "\n" + NOTES
     )
-    (RESULTS / "bench_gae.md").write_text(text)
+    (results / "bench_gae.md").write_text(text)
     return text
 
 
@@ -300,6 +300,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxT list")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per JAX method")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the tables go")
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     command = "python experiments/bench_gae.py"
@@ -307,7 +308,7 @@ def main():
         command += f" --shapes {args.shapes}"
     if args.repeats != 30:
         command += f" --repeats {args.repeats}"
-    print(_write(run(shapes, args.repeats), command))
+    print(_write(run(shapes, args.repeats), command, args.results))
 
 
 if __name__ == "__main__":
