@@ -118,6 +118,7 @@ def make_update_fn(
     """
 
     def apply(params, tokens, attention_mask):
+        params = parallel.gather_lookup_tables(params, mesh)
         return nnx.merge(graphdef, params)(tokens, attention_mask)
 
     def minibatch_loss(params, mb, scale):

@@ -1,6 +1,7 @@
 """The jitted critic update: gradient exactness under accumulation and sharding, skipping."""
 
 import dataclasses
+import re
 
 import chex
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 import critic_jax
 from critic_jax import parallel
@@ -137,6 +139,26 @@ def test_sharded_update_matches_one_device(shape, one_device_history):
     for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu), strict=True):
         assert m.sharding.spec == p.sharding.spec
         assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
+
+
+def test_fsdp_update_moves_parameters_not_activations():
+    """Under fsdp the embedding is gathered where it is looked up, so the compiled update has no
+    all-to-all of float activations (with the table's model axis left split, XLA splits the
+    hidden states' model axis too and reshuffles them in every layer) and the lookup sees the
+    whole table."""
+    shape = dict(data=2, fsdp=4)
+    mesh = parallel.make_mesh(parallel.MeshConfig(**shape))
+    cfg = dataclasses.replace(_config(), mesh=parallel.MeshConfig(**shape))
+    graphdef, state = train_lib.init_state(cfg, mesh)
+    embed = state.params["backbone"]["embed"]
+    assert embed.sharding.spec == PartitionSpec("tensor", "fsdp")
+    gathered = jax.jit(parallel.gather_lookup_tables, static_argnums=1)(state.params, mesh)
+    table = gathered["backbone"]["embed"]
+    assert table.addressable_shards[0].data.shape == table.shape  # whole on every device
+    chex.assert_trees_all_equal(gathered, state.params)
+    setup = train_lib.make_setup(cfg, mesh, state, graphdef)
+    hlo = setup.update.lower(state, parallel.make_global_batch(_batch(0), mesh)).compile()
+    assert not re.search(r"f32\[[0-9,]*\]\S* all-to-all\(", hlo.as_text())
 
 
 def test_nonfinite_batch_skips_the_update_and_training_goes_on():
