@@ -132,14 +132,15 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 def gather_lookup_tables(params: Any, mesh: Mesh) -> Any:
-    """`params` with every vocabulary-indexed table (logical axis "vocab": the embedding) constrained
-    to be whole along its other axes, inside a jitted step.
+    """`params` with every vocabulary-indexed table (logical axis "vocab": the embedding)
+    constrained to be whole along its other axes, inside a jitted step.
 
     FSDP stores the embedding's model axis split over `fsdp`. A lookup's gradient is a scatter-add,
     and with the table split that way XLA's SPMD partitioner builds it by replicating every
     micro-batch's [B, T, D] activation gradient on all devices. Gathering the table where it is
     used (the all-gather FSDP does before a use anyway) makes the backward a local scatter into
-    the whole table followed by one reduce-scatter. Other parameters are returned unchanged.
+    the whole table followed by one reduction of that gradient across devices. Other parameters
+    are returned unchanged.
     """
 
     def one(variable):
