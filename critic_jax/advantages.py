@@ -20,7 +20,7 @@ passes before and after the recurrence; the loop body is a single multiply-add.
 import jax
 import jax.numpy as jnp
 
-from critic_jax.masking import _as_float, _check_same_shape, _check_unit_interval, _valid
+from critic_jax import _checks
 
 GAE_METHODS = ("scan", "associative")
 
@@ -142,20 +142,20 @@ def compute_gae(
     """
     if method not in GAE_METHODS:
         raise ValueError(f"Unknown `method`; valid ones are {GAE_METHODS}. Received: {method!r}.")
-    shape = _check_same_shape(rewards=rewards, values=values, mask=mask)
-    _check_unit_interval("gamma", gamma)
-    _check_unit_interval("lam", lam)
+    shape = _checks.same_shape(rewards=rewards, values=values, mask=mask)
+    _checks.unit_interval("gamma", gamma)
+    _checks.unit_interval("lam", lam)
     # GAE outputs are targets: nothing upstream of them is differentiated.
-    rewards = jax.lax.stop_gradient(_as_float("rewards", rewards))
-    values = jax.lax.stop_gradient(_as_float("values", values))
-    valid = _valid(mask)
+    rewards = jax.lax.stop_gradient(_checks.as_float("rewards", rewards))
+    values = jax.lax.stop_gradient(_checks.as_float("values", values))
+    valid = _checks.valid(mask)
     gamma = jnp.asarray(gamma, jnp.float32)
     lam = jnp.asarray(lam, jnp.float32)
     lead, length = shape[:-1], shape[-1]
     if bootstrap_value is None:
         g_end = jnp.zeros(lead, jnp.float32)
     else:
-        boot = jax.lax.stop_gradient(_as_float("bootstrap_value", bootstrap_value))
+        boot = jax.lax.stop_gradient(_checks.as_float("bootstrap_value", bootstrap_value))
         try:
             boot = jnp.broadcast_to(boot, lead)
         except ValueError:

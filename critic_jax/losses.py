@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from critic_jax.masking import _as_float, _check_same_shape, _is_concrete, _valid
+from critic_jax import _checks
 
 LOSS_TYPES = ("mse", "huber")
 REDUCTIONS = (
@@ -15,20 +15,6 @@ REDUCTIONS = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
-
-
-def _check_option(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"Unknown `{name}`; valid ones are {valid}. Received: {value!r}.")
-
-
-def _check_positive(name: str, value, *, allow_zero: bool) -> None:
-    if value is None or not _is_concrete(value):
-        return
-    v = float(value)
-    if not (v >= 0.0 if allow_zero else v > 0.0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be {bound}. Received: {name}={value}.")
 
 
 def _pointwise(x: jax.Array, loss_type: str, huber_delta) -> jax.Array:
@@ -44,7 +30,7 @@ def reduction_denominator(mask: jax.typing.ArrayLike, reduction: str) -> jax.Arr
     A trainer that splits a minibatch into micro-batches scales each micro-batch's loss by
     `denominator(micro) / denominator(minibatch)`, so the sum is the minibatch's loss exactly.
     """
-    valid = _valid(mask)
+    valid = _checks.valid(mask)
     if reduction == "token-mean":
         return jnp.sum(valid, dtype=jnp.float32)
     if reduction == "seq-mean-token-sum-norm":
@@ -108,20 +94,20 @@ def value_loss(
         `reduction`, a negative `clip_eps`, a non-positive `huber_delta`, or `old_values=None`
         with clipping on.
     """
-    _check_option("loss_type", loss_type, LOSS_TYPES)
-    _check_option("reduction", reduction, REDUCTIONS)
-    _check_positive("clip_eps", clip_eps, allow_zero=True)
-    _check_positive("huber_delta", huber_delta, allow_zero=False)
+    _checks.option("loss_type", loss_type, LOSS_TYPES)
+    _checks.option("reduction", reduction, REDUCTIONS)
+    _checks.positive("clip_eps", clip_eps, allow_zero=True, allow_inf=True)
+    _checks.positive("huber_delta", huber_delta, allow_zero=False)
     if clip_eps is not None and old_values is None:
         raise ValueError("`old_values` is required when `clip_eps` is set. Received: None.")
-    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
-    valid = _valid(mask)
+    _checks.same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    valid = _checks.valid(mask)
     # Zero the masked entries first: then every later op, and its derivative, stays finite.
-    values = jnp.where(valid, _as_float("values", values), 0.0)
-    returns = jnp.where(valid, _as_float("returns", returns), 0.0)
+    values = jnp.where(valid, _checks.as_float("values", values), 0.0)
+    returns = jnp.where(valid, _checks.as_float("returns", returns), 0.0)
     loss = _pointwise(values - returns, loss_type, huber_delta)
     if clip_eps is not None:
-        old_values = jnp.where(valid, _as_float("old_values", old_values), 0.0)
+        old_values = jnp.where(valid, _checks.as_float("old_values", old_values), 0.0)
         clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
         loss = jnp.maximum(_pointwise(clipped - returns, loss_type, huber_delta), loss)
     loss = jnp.where(valid, loss, 0.0)

@@ -7,82 +7,17 @@ NaN and inf included, never reaches a result or a gradient: masked entries are r
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-_FLOAT_DTYPES = "float32, bfloat16 or float16"
-
-
-def _as_float(name: str, x: jax.typing.ArrayLike) -> jax.Array:
-    """`x` as float32, after checking that it holds floating-point numbers."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            f"`{name}` must be a floating-point array ({_FLOAT_DTYPES}). "
-            f"Received: dtype {x.dtype}, shape {x.shape}."
-        )
-    return x.astype(jnp.float32)
-
-
-def _valid(mask: jax.typing.ArrayLike) -> jax.Array:
-    """Boolean validity of a bool or numeric mask: nonzero is valid."""
-    mask = jnp.asarray(mask)
-    return mask if mask.dtype == jnp.bool_ else mask != 0
-
-
-def _check_same_shape(**arrays: jax.typing.ArrayLike | None) -> tuple[int, ...]:
-    """Raises unless every non-None array has the shape of the first; returns that shape.
-
-    The time axis is the last one, so arrays must have at least one dimension.
-    """
-    shapes = {k: np.shape(v) for k, v in arrays.items() if v is not None}
-    first_name, first = next(iter(shapes.items()))
-    if len(first) == 0:
-        raise ValueError(
-            f"`{first_name}` must have a time axis: shape [..., T]. Received: shape {first}."
-        )
-    for name, shape in shapes.items():
-        if shape != first:
-            listing = ", ".join(f"{k}={s}" for k, s in shapes.items())
-            raise ValueError(
-                f"Shape mismatch: `{name}` must have the shape of `{first_name}` {first}. "
-                f"Received: {listing}."
-            )
-    return first
-
-
-def _check_mask_broadcasts(x_shape: tuple[int, ...], mask: jax.typing.ArrayLike) -> None:
-    mask_shape = np.shape(mask)
-    try:
-        out = np.broadcast_shapes(x_shape, mask_shape)
-    except ValueError:
-        out = None
-    if out != tuple(x_shape):
-        raise ValueError(
-            f"Shape mismatch: `mask` must broadcast to the shape of `x`. "
-            f"Received: x={tuple(x_shape)}, mask={mask_shape}."
-        )
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_unit_interval(name: str, x) -> None:
-    """Raises if a concrete `x` lies outside [0, 1]; traced values pass unchecked."""
-    if x is None or not _is_concrete(x):
-        return
-    arr = np.asarray(x, dtype=np.float64)
-    if not np.all((arr >= 0.0) & (arr <= 1.0)):
-        raise ValueError(f"`{name}` must lie in [0, 1]. Received: {name}={x}.")
+from critic_jax import _checks
 
 
 def _sums(
     x: jax.typing.ArrayLike, mask: jax.typing.ArrayLike, axis, keepdims: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(x as float32 with masked entries zeroed, validity, sum over valid, count of valid)."""
-    x = _as_float("x", x)
-    _check_mask_broadcasts(x.shape, mask)
-    valid = jnp.broadcast_to(_valid(mask), x.shape)
+    x = _checks.as_float("x", x)
+    _checks.mask_broadcasts(x.shape, mask)
+    valid = jnp.broadcast_to(_checks.valid(mask), x.shape)
     x = jnp.where(valid, x, 0.0)
     total = jnp.sum(x, axis=axis, keepdims=keepdims)
     count = jnp.sum(valid, axis=axis, keepdims=keepdims, dtype=jnp.float32)

@@ -3,13 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from critic_jax.masking import (
-    _as_float,
-    _check_same_shape,
-    _valid,
-    masked_mean,
-    masked_var,
-)
+from critic_jax import _checks
+from critic_jax.masking import masked_mean, masked_var
 
 
 def explained_variance(
@@ -34,10 +29,10 @@ def explained_variance(
     Raises:
       ValueError: on mismatched shapes or non-floating inputs.
     """
-    _check_same_shape(values=values, returns=returns, mask=mask)
-    valid = _valid(mask)
-    values = jnp.where(valid, _as_float("values", values), 0.0)
-    returns = jnp.where(valid, _as_float("returns", returns), 0.0)
+    _checks.same_shape(values=values, returns=returns, mask=mask)
+    valid = _checks.valid(mask)
+    values = jnp.where(valid, _checks.as_float("values", values), 0.0)
+    returns = jnp.where(valid, _checks.as_float("returns", returns), 0.0)
     var_returns = masked_var(returns, valid, unbiased=False)
     var_residual = masked_var(returns - values, valid, unbiased=False)
     # Exact test for constant returns: a rounded variance of constant data need not be 0.
@@ -81,11 +76,11 @@ def value_metrics(
     Raises:
       ValueError: on mismatched shapes or non-floating inputs.
     """
-    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
-    valid = _valid(mask)
-    values = jnp.where(valid, _as_float("values", values), 0.0)
-    old_values = jnp.where(valid, _as_float("old_values", old_values), 0.0)
-    returns = jnp.where(valid, _as_float("returns", returns), 0.0)
+    _checks.same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    valid = _checks.valid(mask)
+    values = jnp.where(valid, _checks.as_float("values", values), 0.0)
+    old_values = jnp.where(valid, _checks.as_float("old_values", old_values), 0.0)
+    returns = jnp.where(valid, _checks.as_float("returns", returns), 0.0)
     err = values - returns
     if clip_eps is None:
         clipfrac = jnp.float32(0.0)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from critic_jax.masking import _as_float, _check_same_shape, _is_concrete, _valid
+from critic_jax import _checks
 
 _KINDS = ("k1", "k2", "k3")
 
@@ -38,10 +38,10 @@ def kl_penalty(
     """
     if kind not in _KINDS:
         raise ValueError(f"Unknown `kind`; valid ones are {_KINDS}. Received: {kind!r}.")
-    if clamp is not None and _is_concrete(clamp) and not float(clamp) > 0:
+    if clamp is not None and _checks.is_concrete(clamp) and not float(clamp) > 0:
         raise ValueError(f"`clamp` must be > 0 or None. Received: clamp={clamp}.")
-    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    d = _as_float("logprobs", logprobs) - _as_float("ref_logprobs", ref_logprobs)
+    _checks.same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    d = _checks.as_float("logprobs", logprobs) - _checks.as_float("ref_logprobs", ref_logprobs)
     if kind == "k1":
         kl = d
     elif kind == "k2":
@@ -92,14 +92,15 @@ def token_rewards(
             f"mask={mask_shape}."
         )
     if kl is not None:
-        _check_same_shape(mask=mask, kl=kl)
-    reward = _as_float("sequence_reward", sequence_reward)
-    valid = _valid(mask)
+        _checks.same_shape(mask=mask, kl=kl)
+    reward = _checks.as_float("sequence_reward", sequence_reward)
+    valid = _checks.valid(mask)
     length = mask_shape[-1]
     # Index of the last valid position: the first valid one of the reversed row.
     last = length - 1 - jnp.argmax(valid[..., ::-1], axis=-1)
     is_last = (jnp.arange(length) == last[..., None]) & valid
     out = jnp.where(is_last, reward[..., None], 0.0)
     if kl is not None:
-        out = out - jnp.where(valid, jnp.asarray(kl_coef, jnp.float32) * _as_float("kl", kl), 0.0)
+        kl = _checks.as_float("kl", kl)
+        out = out - jnp.where(valid, jnp.asarray(kl_coef, jnp.float32) * kl, 0.0)
     return out
