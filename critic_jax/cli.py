@@ -173,16 +173,15 @@ def _train(args: list[str]) -> int:
 
 
 def _make_rollouts(args: list[str]) -> int:
-    from critic_jax import data as data_lib
+    from critic_jax import mrp, rollouts
 
     cmd = _parse(MakeRollouts, args=args, prog="critic-jax make-rollouts")
-    mrp = data_lib.MRPConfig()
-    batch = data_lib.sample_mrp(mrp, seed=cmd.seed, batch_size=cmd.rows, gamma=cmd.gamma)
+    batch = mrp.sample_mrp(mrp.MRPConfig(), seed=cmd.seed, batch_size=cmd.rows, gamma=cmd.gamma)
     if cmd.sequence_level:
         batch = {k: v for k, v in batch.items() if k != "rewards"}
     else:
         batch = {k: v for k, v in batch.items() if k != "sequence_reward"}
-    data_lib.write_rollouts(cmd.out, batch)
+    rollouts.write_rollouts(cmd.out, batch)
     print(json.dumps({"wrote": cmd.out, "rows": cmd.rows}))
     return 0
 

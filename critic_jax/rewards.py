@@ -6,7 +6,7 @@ import numpy as np
 
 from critic_jax import _checks
 
-_KINDS = ("k1", "k2", "k3")
+KL_KINDS = ("k1", "k2", "k3")
 
 
 def kl_penalty(
@@ -36,8 +36,8 @@ def kl_penalty(
       ValueError: on mismatched shapes, non-floating inputs, an unknown `kind` or a
         non-positive `clamp`.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"Unknown `kind`; valid ones are {_KINDS}. Received: {kind!r}.")
+    if kind not in KL_KINDS:
+        raise ValueError(f"Unknown `kind`; valid ones are {KL_KINDS}. Received: {kind!r}.")
     if clamp is not None and _checks.is_concrete(clamp) and not float(clamp) > 0:
         raise ValueError(f"`clamp` must be > 0 or None. Received: clamp={clamp}.")
     _checks.same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)

@@ -65,6 +65,30 @@ def with_garbage(rng, x, mask):
 # ----------------------------------------------------------------------------- advantages
 
 
+# ----------------------------------------------------------------------------- returns
+
+
+def discounted_returns(rewards, mask, gamma):
+    """[B, T] -> [B, T] Σ_k γ^k r over valid positions from t on (skip semantics); 0 off-mask."""
+    out = np.zeros(rewards.shape)
+    acc = np.zeros(rewards.shape[0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        valid = mask[:, t] != 0
+        acc = np.where(valid, rewards[:, t] + gamma * acc, acc)
+        out[:, t] = np.where(valid, acc, 0.0)
+    return out
+
+
+def next_valid_values(values, mask):
+    """[B, T] -> values at the next valid position after t (0 when there is none)."""
+    out = np.zeros(values.shape)
+    nxt = np.zeros(values.shape[0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        out[:, t] = nxt
+        nxt = np.where(mask[:, t] != 0, values[:, t], nxt)
+    return out
+
+
 def _bootstrap_rows(bootstrap_value, shape):
     """The value after each row's last valid step, one per row (0 when None)."""
     if bootstrap_value is None:
