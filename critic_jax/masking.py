@@ -16,6 +16,7 @@ def _sums(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(x as float32 with masked entries zeroed, validity, sum over valid, count of valid)."""
     x = _checks.as_float("x", x)
+    _checks.required(mask=mask)
     _checks.mask_broadcasts(x.shape, mask)
     valid = jnp.broadcast_to(_checks.valid(mask), x.shape)
     x = jnp.where(valid, x, 0.0)
@@ -94,22 +95,28 @@ def masked_whiten(
     with mean and the unbiased var of `masked_mean` / `masked_var` over every valid entry of the
     whole array (as for advantages of a whole batch).
 
+    If var + eps is 0 (eps = 0 and all valid entries equal, or fewer than two of them) there is
+    no scale to divide by and the entries are only centred: y = x − mean (+ mean), finite.
+
     Args:
       x: [...] float32, bfloat16 or float16 values.
       mask: bool or numeric, broadcastable to `x.shape`; nonzero marks a valid entry.
       shift_mean: subtract the mean (True) or keep it (False).
-      eps: added to the variance before the square root.
+      eps: added to the variance before the square root; >= 0 and finite; may be traced.
 
     Returns:
       float32 array of `x.shape`; 0 at masked positions.
 
     Raises:
-      ValueError: if `x` is not floating point or `mask` does not broadcast to `x`.
+      ValueError: if `x` is not floating point or None, `mask` does not broadcast to `x`, or a
+        concrete `eps` is negative, NaN or infinite.
     """
+    _checks.positive("eps", eps, allow_zero=True)
     x, valid, total, count = _sums(x, mask, None)
     mean = total / jnp.maximum(count, 1.0)
-    var = masked_var(x, valid)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    var = masked_var(x, valid) + eps
+    scale = jnp.where(var > 0, jax.lax.rsqrt(jnp.where(var > 0, var, 1.0)), 1.0)
+    y = (x - mean) * scale
     if not shift_mean:
         y = y + mean
     return jnp.where(valid, y, 0.0)
