@@ -6,7 +6,7 @@ positions, and a mask that is nonzero on action tokens. They work under `jax.jit
 """
 
 from critic_jax.advantages import compute_gae, td_errors
-from critic_jax.losses import value_loss
+from critic_jax.losses import hl_gauss_loss, hl_gauss_probs, value_loss
 from critic_jax.masking import masked_mean, masked_var, masked_whiten
 from critic_jax.metrics import explained_variance, value_metrics
 from critic_jax.rewards import kl_penalty, token_rewards
@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = (
     "compute_gae",
     "explained_variance",
+    "hl_gauss_loss",
+    "hl_gauss_probs",
     "kl_penalty",
     "masked_mean",
     "masked_var",

@@ -113,3 +113,38 @@ def positive(name: str, value, *, allow_zero: bool = False, allow_inf: bool = Fa
         bound = ">= 0" if allow_zero else "> 0"
         finite = "" if allow_inf else " and finite"
         raise ValueError(f"`{name}` must be {bound}{finite}. Received: {name}={value}.")
+
+
+# ----------------------------------------------------------------------------- added 2026-11-30
+
+
+def required(**arrays) -> None:
+    """Raises naming the first argument that is None."""
+    for name, value in arrays.items():
+        if value is None:
+            raise ValueError(f"`{name}` must be an array, not None. Received: None.")
+
+
+def finite(name: str, value) -> None:
+    """Raises if a concrete scalar `value` is NaN or infinite. None and traced values pass."""
+    if value is None or not is_concrete(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite (not NaN or inf). Received: {name}={value}.")
+
+
+def segment_ids(ids, shape: tuple[int, ...]) -> jax.Array:
+    """`segment_ids` as an integer array of `shape` [..., T] (0 = padding)."""
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"`segment_ids` must be an integer array (0 = padding, 1..k = segments). "
+            f"Received: dtype {ids.dtype}, shape {ids.shape}."
+        )
+    if ids.shape != tuple(shape):
+        raise ValueError(
+            f"Shape mismatch: `segment_ids` must have the shape of `mask` {tuple(shape)}. "
+            f"Received: segment_ids={ids.shape}, mask={tuple(shape)}."
+        )
+    return ids
