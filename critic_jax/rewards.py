@@ -6,7 +6,7 @@ import numpy as np
 
 from critic_jax import _checks
 
-_KINDS = ("k1", "k2", "k3")
+KL_KINDS = ("k1", "k2", "k3")
 
 
 def kl_penalty(
@@ -42,7 +42,7 @@ def kl_penalty(
       ValueError: on mismatched shapes, non-floating or None inputs, an unknown `kind` or a
         non-positive or NaN `clamp`.
     """
-    _checks.option("kind", kind, _KINDS)
+    _checks.option("kind", kind, KL_KINDS)
     _checks.positive("clamp", clamp, allow_inf=True)
     _checks.required(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _checks.same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
