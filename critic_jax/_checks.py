@@ -148,3 +148,20 @@ def segment_ids(ids, shape: tuple[int, ...]) -> jax.Array:
             f"Received: segment_ids={ids.shape}, mask={tuple(shape)}."
         )
     return ids
+
+
+def per_row(name: str, x, lead: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """`x` as float32, a scalar or one value per row (shape `lead` = `shape[:-1]`), in [0, 1].
+
+    Raises naming `name` on any other shape (a [T] vector never broadcasts along time) and, when
+    `x` is concrete, on an entry outside [0, 1] or NaN.
+    """
+    unit_interval(name, x)
+    x_shape = np.shape(x)
+    if x_shape not in ((), tuple(lead)):
+        raise ValueError(
+            f"Shape mismatch: `{name}` must be a scalar or have the leading shape {tuple(lead)} "
+            f"of `rewards` (one value per row). Received: {name}={x_shape}, "
+            f"rewards={tuple(shape)}."
+        )
+    return jnp.asarray(x, jnp.float32)

@@ -1,20 +1,25 @@
 """Generalised advantage estimation and TD errors with skip semantics for masked tokens.
 
 Masked positions are transparent: the recursion jumps from a valid position straight to the next
-valid one, so multi-turn observation tokens neither discount nor break it.
+valid one, so multi-turn observation tokens neither discount nor break it. With `segment_ids`
+(packed rows) the recursion also never crosses from one segment into another.
 
-Both methods rewrite GAE as ONE linear recurrence with one scalar carry per row. Let u(t) be the
-first valid position at or after t and define, for every t,
+Every function here rewrites GAE as ONE linear recurrence with one scalar carry per row and λ.
+Let u(t) be the first valid position at or after t in t's segment and define, for every t,
 
-    g_t = γ·(V_u(t) + λ·A_u(t)),      g_T = γ·bootstrap (also when no valid position is left).
+    g_t = γ·(V_u(t) + λ·A_u(t)),      g_t = γ·bootstrap when the segment has no valid position left.
 
 Then for a valid t:  A_t = r_t − V_t + g_{t+1}  and  returns_t = r_t + g_{t+1},  and
 
     g_t = e_t + c_t·g_{t+1},   (e_t, c_t) = (γ·(λ·r_t + (1 − λ)·V_t), γλ)   if t is valid,
-                               (e_t, c_t) = (0, 1)                          if t is masked,
+                               (e_t, c_t) = (0, 1)                          if t is masked.
 
-so a masked step passes the carry through unchanged. All masking happens in the elementwise
-passes before and after the recurrence; the loop body is a single multiply-add.
+The scan computes h_t = g_{t+1} (what position t reads) directly, from the coefficients shifted by
+one step: h_t = e_{t+1} + c_{t+1}·h_{t+1}, except where t is the last position of a segment (or of
+the row), where h_t = γ·bootstrap and the step is a reset (c = 0). Each step is therefore one of
+three kinds, stored as one uint8 per position beside e: transparent (c = 1), valid (c = γλ of the
+row) and reset (c = 0). All masking happens in the elementwise passes before and after the
+recurrence; the loop body is a single multiply-add.
 """
 
 import jax
@@ -24,74 +29,98 @@ from critic_jax import _checks
 
 GAE_METHODS = ("scan", "associative")
 
-
-def _coefficients(rewards, values, valid, gamma, lam):
-    """(e, c) of the linear recurrence g_t = e_t + c_t·g_{t+1}, garbage at masked t removed."""
-    e = jnp.where(valid, gamma * (lam * rewards + (1.0 - lam) * values), 0.0)
-    c = jnp.where(valid, gamma * lam, 1.0)
-    return e, c
+# Kinds of step of the shifted recurrence h_t = e'_t + c'_t·h_{t+1}.
+_TRANSPARENT, _VALID, _RESET = 0, 1, 2
 
 
-def _scan_plan(rows: int) -> tuple[int, int]:
-    """(block, unroll) of the reverse scan for a batch of `rows` rows; see `_carry_in_scan`."""
-    if rows >= 64:
-        return 8, 1
-    return 1, 4 if rows <= 8 else 1
+def _rows(x: jax.Array, rows: int) -> jax.Array:
+    return x.reshape(rows, x.shape[-1])
 
 
-def _carry_in_scan(e_bt: jax.Array, c_bt: jax.Array, g_end_b: jax.Array) -> jax.Array:
-    """g_{t+1} for every t, by a reverse lax.scan over T.
+def _bootstrap(
+    bootstrap_value, shape: tuple[int, ...], segmented: bool
+) -> tuple[jax.Array | None, bool]:
+    """(bootstrap as float32 [...] or [..., T], whether it is per position)."""
+    if bootstrap_value is None:
+        return None, False
+    boot = jax.lax.stop_gradient(_checks.as_float("bootstrap_value", bootstrap_value))
+    lead = shape[:-1]
+    if boot.shape == tuple(shape) and boot.ndim > len(lead):
+        if not segmented:
+            raise ValueError(
+                "`bootstrap_value` of shape [..., T] (one value per segment, read at each "
+                "segment's last position) needs `segment_ids`; without them give one value per "
+                f"row, shape {lead}. Received: bootstrap_value={boot.shape}, segment_ids=None."
+            )
+        return boot, True
+    try:
+        return jnp.broadcast_to(boot, lead), False
+    except ValueError:
+        expected = f"{lead}" + (f" or {tuple(shape)}" if segmented else "")
+        raise ValueError(
+            f"Shape mismatch: `bootstrap_value` must broadcast to the leading axes of `rewards` "
+            f"or have the shape {expected}. Received: bootstrap_value={boot.shape}, "
+            f"rewards={tuple(shape)}."
+        ) from None
 
-    The layout was chosen by measurement on CPU (experiments/bench_gae.md), where the transposes
-    around the scan cost more than the recurrence itself:
-    - the inputs are shifted by one step, with (e, c) = (g_end, 0) at the end, so the carry a step
-      emits is already g_{t+1}: no copy of the carry per step and no shift afterwards;
-    - e and c travel as the real and imaginary parts of ONE complex64 array, so a single
-      transpose feeds the scan and each step reads one contiguous row;
-    - time is split into blocks of `block` steps, [T/block, B, block]: the transpose then moves
-      contiguous runs, and each scan step runs `block` multiply-adds. This pays off for wide
-      batches (B >= 64); narrow batches scan one step at a time;
-    - unroll=4 only when a step's vector fits one SIMD register (B <= 8) and loop overhead
-      dominates; for wider batches unrolling was 1.5-2x slower.
+
+def _shifted_steps(valid_rt, gamma_r, boot, per_position, ids_rt):
+    """Kinds k'_t [R, T] uint8 and reset values γ·bootstrap [R, T] (None when all are 0)."""
+    rows, length = valid_rt.shape
+    if ids_rt is None:
+        # The row's end is its only reset.
+        kinds = jnp.concatenate(
+            [valid_rt[:, 1:].astype(jnp.uint8), jnp.full((rows, 1), _RESET, jnp.uint8)], axis=1
+        )
+        if boot is None:
+            return kinds, None
+        at_end = jnp.arange(length) == length - 1
+        return kinds, jnp.where(at_end, (gamma_r * boot.reshape(rows))[:, None], 0.0)
+    # First non-padding id at or after t; padding (id 0) inside a segment stays transparent.
+    upcoming = jax.lax.associative_scan(
+        lambda later, earlier: jnp.where(earlier != 0, earlier, later), ids_rt, reverse=True, axis=1
+    )
+    next_id = jnp.concatenate([upcoming[:, 1:], jnp.zeros_like(upcoming[:, :1])], axis=1)
+    reset = (ids_rt != 0) & (next_id != ids_rt)
+    next_valid = jnp.concatenate([valid_rt[:, 1:], jnp.zeros_like(valid_rt[:, :1])], axis=1)
+    kinds = jnp.where(reset, _RESET, next_valid.astype(jnp.uint8)).astype(jnp.uint8)
+    if boot is None:
+        return kinds, None
+    if per_position:
+        boot_rt = _rows(boot, rows)
+    else:  # a row's value goes to the end of its last segment only
+        boot_rt = jnp.where(next_id == 0, boot.reshape(rows)[:, None], 0.0)
+    return kinds, jnp.where(reset, gamma_r[:, None] * boot_rt, 0.0)
+
+
+def _step_coefficient(kind, gl):
+    return jnp.where(kind == _VALID, gl, jnp.where(kind == _TRANSPARENT, 1.0, 0.0))
+
+
+def _carry_in_scan(e_rts, gl_rs, kinds_rt):
+    """h_t for every t and each (e', γλ) pair, by one reverse lax.scan over T.
+
+    The scan runs time-major over [R] vectors, as rlax does; measured on CPU
+    (experiments/results/bench_gae.md), packing the step kinds into one byte per position beat
+    passing c as a float32 array, complex64 packing of (e, c) and time blocks.
     """
-    rows, length = e_bt.shape
-    block, unroll = _scan_plan(rows)
-    e_bt = jnp.concatenate([e_bt[:, 1:], g_end_b[:, None]], axis=1)
-    c_bt = jnp.concatenate([c_bt[:, 1:], jnp.zeros_like(c_bt[:, :1])], axis=1)
-    ec_bt = jax.lax.complex(e_bt, c_bt)
+    rows = kinds_rt.shape[0]
 
-    def fma(g_b, ec_b):
-        return jnp.real(ec_b) + jnp.imag(ec_b) * g_b
+    def step(h_rs, xs):
+        kind_r, e_rs = xs
+        h_rs = tuple(
+            e + _step_coefficient(kind_r, gl) * h
+            for e, gl, h in zip(e_rs, gl_rs, h_rs, strict=True)
+        )
+        return h_rs, h_rs
 
-    if block == 1:
-
-        def step(g_b, ec_b):
-            g_b = fma(g_b, ec_b)
-            return g_b, g_b
-
-        _, g_tb = jax.lax.scan(step, g_end_b, ec_bt.T, reverse=True, unroll=unroll)
-        return g_tb.T
-
-    pad = -length % block
-    if pad:  # identity steps (e, c) = (0, 1) past the end; their outputs are dropped
-        ec_bt = jnp.pad(ec_bt, ((0, 0), (0, pad)), constant_values=1j)
-    ec_nbk = ec_bt.reshape(rows, -1, block).transpose(1, 0, 2)
-
-    def block_step(g_b, ec_bk):
-        out = [g_b] * block
-        for j in reversed(range(block)):
-            g_b = fma(g_b, ec_bk[:, j])
-            out[j] = g_b
-        return g_b, jnp.stack(out, axis=1)
-
-    _, g_nbk = jax.lax.scan(block_step, g_end_b, ec_nbk, reverse=True, unroll=unroll)
-    return g_nbk.transpose(1, 0, 2).reshape(rows, -1)[:, :length]
+    init = tuple(jnp.zeros((rows,), jnp.float32) for _ in e_rts)  # overwritten: c' = 0 at T-1
+    _, h_trs = jax.lax.scan(step, init, (kinds_rt.T, tuple(e.T for e in e_rts)), reverse=True)
+    return tuple(h.T for h in h_trs)
 
 
-def _carry_in_associative(e_bt: jax.Array, c_bt: jax.Array, g_end_b: jax.Array) -> jax.Array:
-    """g_{t+1} for every t, by lax.associative_scan of the affine maps g -> e_t + c_t·g."""
-    # Fold the boundary value into the last step so the scan needs no extra element.
-    e_bt = e_bt.at[:, -1].add(c_bt[:, -1] * g_end_b)
+def _carry_in_associative(e_rts, gl_rs, kinds_rt):
+    """h_t for every t, by lax.associative_scan of the affine maps h -> e'_t + c'_t·h."""
 
     def compose(later, earlier):
         # `later` holds maps for larger t; the reverse scan applies them first.
@@ -99,8 +128,61 @@ def _carry_in_associative(e_bt: jax.Array, c_bt: jax.Array, g_end_b: jax.Array) 
         c_e, e_e = earlier
         return c_e * c_l, e_e + c_e * e_l
 
-    _, g_bt = jax.lax.associative_scan(compose, (c_bt, e_bt), reverse=True, axis=1)
-    return jnp.concatenate([g_bt[:, 1:], g_end_b[:, None]], axis=1)
+    out = []
+    for e_rt, gl_r in zip(e_rts, gl_rs, strict=True):
+        c_rt = _step_coefficient(kinds_rt, gl_r[:, None])
+        # c' = 0 at each row's end, so the composed offset is h itself.
+        _, h_rt = jax.lax.associative_scan(compose, (c_rt, e_rt), reverse=True, axis=1)
+        out.append(h_rt)
+    return tuple(out)
+
+
+def _gae_carries(rewards, values, mask, gamma, lams, bootstrap_value, segment_ids, method):
+    """Shared body of the public functions: validated inputs -> (valid, r, V, h per λ).
+
+    Returns None for the h's when the time axis is empty.
+    """
+    shape = _checks.same_shape(rewards=rewards, values=values, mask=mask)
+    lead = shape[:-1]
+    gamma = _checks.per_row("gamma", gamma, lead, shape)
+    lams = {name: _checks.per_row(name, lam, lead, shape) for name, lam in lams.items()}
+    ids = None if segment_ids is None else _checks.segment_ids(segment_ids, shape)
+    # GAE outputs are targets: nothing upstream of them is differentiated.
+    rewards = jax.lax.stop_gradient(_checks.as_float("rewards", rewards))
+    values = jax.lax.stop_gradient(_checks.as_float("values", values))
+    valid = _checks.valid(mask)
+    if ids is not None:
+        valid = valid & (ids != 0)
+    boot, per_position = _bootstrap(bootstrap_value, shape, ids is not None)
+    length = shape[-1]
+    rows = 1
+    for n in lead:
+        rows *= n
+    if length == 0:
+        return valid, rewards, values, None
+
+    gamma_b = jnp.broadcast_to(gamma, lead)
+    gamma_r = gamma_b.reshape(rows)
+    valid_rt = _rows(valid, rows)
+    ids_rt = None if ids is None else _rows(ids, rows)
+    kinds, resets = _shifted_steps(valid_rt, gamma_r, boot, per_position, ids_rt)
+    e_rts, gl_rs = [], []
+    for lam in lams.values():
+        lam_b = jnp.broadcast_to(lam, lead)
+        e = jnp.where(
+            valid,
+            gamma_b[..., None] * (lam_b[..., None] * rewards + (1.0 - lam_b[..., None]) * values),
+            0.0,
+        )
+        e_rt = _rows(e, rows)
+        e_rt = jnp.concatenate([e_rt[:, 1:], jnp.zeros_like(e_rt[:, :1])], axis=1)
+        if resets is not None or ids_rt is not None:  # else the only reset's e' is already 0
+            e_rt = jnp.where(kinds == _RESET, 0.0 if resets is None else resets, e_rt)
+        e_rts.append(e_rt)
+        gl_rs.append(gamma_r * lam_b.reshape(rows))
+    carry_in = _carry_in_scan if method == "scan" else _carry_in_associative
+    h_rts = carry_in(tuple(e_rts), tuple(gl_rs), kinds)
+    return valid, rewards, values, tuple(h.reshape(shape) for h in h_rts)
 
 
 def compute_gae(
@@ -108,17 +190,18 @@ def compute_gae(
     values: jax.typing.ArrayLike,
     mask: jax.typing.ArrayLike,
     *,
-    gamma: float | jax.Array = 1.0,
-    lam: float | jax.Array = 0.95,
+    gamma: float | jax.typing.ArrayLike = 1.0,
+    lam: float | jax.typing.ArrayLike = 0.95,
     bootstrap_value: jax.typing.ArrayLike | None = None,
     method: str = "scan",
+    segment_ids: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Generalised advantage estimation, skipping masked tokens.
+    """Generalised advantage estimation, skipping masked tokens, per packed segment.
 
     A_t = δ_t + γλ·A_t',  δ_t = r_t + γ·V_t' − V_t,  returns_t = A_t + V_t,
-    where t' is the next valid position after t; past the last valid position V_t' is
-    `bootstrap_value` and A_t' = 0. Masked positions are transparent and get A = returns = 0.
-    With λ = 0, returns are the TD(0) targets r_t + γ·V_t'.
+    where t' is the next valid position after t in t's segment; past the segment's last valid
+    position V_t' is the segment's bootstrap value and A_t' = 0. Masked and padding positions are
+    transparent and get A = returns = 0. With λ = 0, returns are the TD(0) targets r_t + γ·V_t'.
 
     Args:
       rewards: [..., T] float32/bfloat16/float16 reward for emitting token t.
@@ -126,56 +209,40 @@ def compute_gae(
         is chosen.
       mask: [..., T] bool or numeric, nonzero where token t is an action; other positions are
         skipped and may hold any garbage in `rewards` and `values`.
-      gamma: discount in [0, 1]; may be traced (checked only when concrete).
-      lam: GAE λ in [0, 1]; may be traced (checked only when concrete).
-      bootstrap_value: [...] (or anything broadcastable to it) value after the last valid token
-        of each row; 0 if None.
+      gamma: discount in [0, 1], a scalar or one value per row (shape [...]); may be traced
+        (checked only when concrete).
+      lam: GAE λ in [0, 1], a scalar or one value per row (shape [...]); may be traced.
+      bootstrap_value: value after the last valid token; 0 if None. Either [...] (or anything
+        broadcastable to it), one value per row: without `segment_ids` it follows the row's last
+        valid token; with `segment_ids` it follows the row's LAST segment only (the one a packing
+        window may cut), and every earlier segment bootstraps from 0. Or, with `segment_ids`
+        only, [..., T], one value per segment, read at each segment's last position (the last
+        position holding its id, valid or not); the other entries are ignored.
       method: "scan" (reverse lax.scan over T) or "associative" (lax.associative_scan, O(log T)
         depth). Both agree to float32 rounding.
+      segment_ids: optional [..., T] integer ids of packed rollouts: 0 is padding (treated like a
+        masked position), 1..k are the rollouts of a row. Each segment is a contiguous run of one
+        id (padding may sit inside it and is skipped); a run of an id that follows a different
+        nonzero id starts a new rollout. The recursion never crosses from one segment into
+        another, so a packed row gives exactly the GAE of each rollout computed alone.
 
     Returns:
-      (advantages, returns), float32 [..., T], 0 at masked positions, with stop_gradient.
+      (advantages, returns), float32 [..., T], 0 at masked and padding positions, with
+      stop_gradient.
 
     Raises:
-      ValueError: on mismatched shapes, non-floating rewards/values, γ or λ outside [0, 1], or an
+      ValueError: on mismatched shapes, non-floating rewards/values, non-integer segment_ids,
+        γ or λ not a scalar or of shape [...], concrete γ or λ outside [0, 1] or NaN, or an
         unknown method.
     """
-    if method not in GAE_METHODS:
-        raise ValueError(f"Unknown `method`; valid ones are {GAE_METHODS}. Received: {method!r}.")
-    shape = _checks.same_shape(rewards=rewards, values=values, mask=mask)
-    _checks.unit_interval("gamma", gamma)
-    _checks.unit_interval("lam", lam)
-    # GAE outputs are targets: nothing upstream of them is differentiated.
-    rewards = jax.lax.stop_gradient(_checks.as_float("rewards", rewards))
-    values = jax.lax.stop_gradient(_checks.as_float("values", values))
-    valid = _checks.valid(mask)
-    gamma = jnp.asarray(gamma, jnp.float32)
-    lam = jnp.asarray(lam, jnp.float32)
-    lead, length = shape[:-1], shape[-1]
-    if bootstrap_value is None:
-        g_end = jnp.zeros(lead, jnp.float32)
-    else:
-        boot = jax.lax.stop_gradient(_checks.as_float("bootstrap_value", bootstrap_value))
-        try:
-            boot = jnp.broadcast_to(boot, lead)
-        except ValueError:
-            raise ValueError(
-                f"Shape mismatch: `bootstrap_value` must broadcast to the leading axes {lead} "
-                f"of `rewards`. Received: bootstrap_value={boot.shape}, rewards={shape}."
-            ) from None
-        g_end = gamma * boot
-
-    if length == 0:
-        empty = jnp.zeros(shape, jnp.float32)
+    _checks.option("method", method, GAE_METHODS)
+    valid, rewards, values, h = _gae_carries(
+        rewards, values, mask, gamma, {"lam": lam}, bootstrap_value, segment_ids, method
+    )
+    if h is None:
+        empty = jnp.zeros(rewards.shape, jnp.float32)
         return empty, empty
-    rows = 1
-    for n in lead:
-        rows *= n
-    e, c = _coefficients(rewards, values, valid, gamma, lam)
-    e, c, g_end = e.reshape(rows, length), c.reshape(rows, length), g_end.reshape(rows)
-    carry_in = _carry_in_scan if method == "scan" else _carry_in_associative
-    g_next = carry_in(e, c, g_end).reshape(shape)
-    returns = jnp.where(valid, rewards + g_next, 0.0)
+    returns = jnp.where(valid, rewards + h[0], 0.0)
     advantages = jnp.where(valid, returns - values, 0.0)
     return jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(returns)
 
@@ -185,28 +252,119 @@ def td_errors(
     values: jax.typing.ArrayLike,
     mask: jax.typing.ArrayLike,
     *,
-    gamma: float | jax.Array = 1.0,
+    gamma: float | jax.typing.ArrayLike = 1.0,
     bootstrap_value: jax.typing.ArrayLike | None = None,
+    segment_ids: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     """One-step TD errors over the valid tokens, skipping masked ones.
 
-    δ_t = r_t + γ·V_t' − V_t, where t' is the next valid position after t (`bootstrap_value`,
-    default 0, past the last one). This is GAE's advantage with λ = 0.
+    δ_t = r_t + γ·V_t' − V_t, where t' is the next valid position after t in t's segment (the
+    segment's bootstrap value past its last one). This is GAE's advantage with λ = 0.
 
     Args:
       rewards: [..., T] float32/bfloat16/float16 reward for emitting token t.
       values: [..., T] float32/bfloat16/float16 V(s_t).
       mask: [..., T] bool or numeric, nonzero where token t is an action.
-      gamma: discount in [0, 1]; may be traced (checked only when concrete).
-      bootstrap_value: [...] value after the last valid token of each row; 0 if None.
+      gamma: discount in [0, 1], a scalar or one value per row (shape [...]); may be traced.
+      bootstrap_value: [...] or, with `segment_ids`, [..., T]; as in `compute_gae`. 0 if None.
+      segment_ids: optional [..., T] integer ids of packed rollouts (0 = padding); as in
+        `compute_gae`.
 
     Returns:
-      float32 [..., T] deltas, 0 at masked positions, with stop_gradient.
+      float32 [..., T] deltas, 0 at masked and padding positions, with stop_gradient.
 
     Raises:
-      ValueError: on mismatched shapes, non-floating rewards/values or γ outside [0, 1].
+      ValueError: on mismatched shapes, non-floating rewards/values, non-integer segment_ids,
+        γ not a scalar or of shape [...], or a concrete γ outside [0, 1] or NaN.
     """
     deltas, _ = compute_gae(
-        rewards, values, mask, gamma=gamma, lam=0.0, bootstrap_value=bootstrap_value
+        rewards,
+        values,
+        mask,
+        gamma=gamma,
+        lam=0.0,
+        bootstrap_value=bootstrap_value,
+        segment_ids=segment_ids,
     )
     return deltas
+
+
+def decoupled_gae(
+    rewards: jax.typing.ArrayLike,
+    values: jax.typing.ArrayLike,
+    mask: jax.typing.ArrayLike,
+    *,
+    gamma: float | jax.typing.ArrayLike = 1.0,
+    value_lam: float | jax.typing.ArrayLike = 1.0,
+    policy_lam: float | jax.typing.ArrayLike = 0.95,
+    bootstrap_value: jax.typing.ArrayLike | None = None,
+    segment_ids: jax.typing.ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """GAE with one λ for the policy's advantages and another for the critic's targets (VC-PPO).
+
+    policy_advantages = A^(γ, policy_lam),  value_returns = A^(γ, value_lam) + V,
+    with A^(γ, λ) the skip-mask GAE of `compute_gae`. VC-PPO trains the critic on λ = 1
+    (unbiased Monte-Carlo targets) while the policy uses λ ≈ 0.95. Both recurrences run in the
+    same reverse scan over T, so this costs one pass, not two.
+
+    Args:
+      rewards: [..., T] float32/bfloat16/float16 reward for emitting token t.
+      values: [..., T] float32/bfloat16/float16 V(s_t).
+      mask: [..., T] bool or numeric, nonzero where token t is an action.
+      gamma: discount in [0, 1], a scalar or one value per row (shape [...]); may be traced.
+      value_lam: λ of the critic's targets in [0, 1], scalar or per row; may be traced.
+      policy_lam: λ of the policy's advantages in [0, 1], scalar or per row; may be traced.
+      bootstrap_value: [...] or, with `segment_ids`, [..., T]; as in `compute_gae`. 0 if None.
+      segment_ids: optional [..., T] integer ids of packed rollouts (0 = padding); as in
+        `compute_gae`.
+
+    Returns:
+      (policy_advantages, value_returns), float32 [..., T], 0 at masked and padding positions,
+      with stop_gradient; equal to `compute_gae(..., lam=policy_lam)[0]` and
+      `compute_gae(..., lam=value_lam)[1]`.
+
+    Raises:
+      ValueError: on mismatched shapes, non-floating rewards/values, non-integer segment_ids,
+        γ or a λ not a scalar or of shape [...], or a concrete one outside [0, 1] or NaN.
+    """
+    lams = {"policy_lam": policy_lam, "value_lam": value_lam}
+    valid, rewards, values, h = _gae_carries(
+        rewards, values, mask, gamma, lams, bootstrap_value, segment_ids, "scan"
+    )
+    if h is None:
+        empty = jnp.zeros(rewards.shape, jnp.float32)
+        return empty, empty
+    h_policy, h_value = h
+    advantages = jnp.where(valid, rewards + h_policy - values, 0.0)
+    returns = jnp.where(valid, rewards + h_value, 0.0)
+    return jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(returns)
+
+
+def length_adaptive_lam(
+    mask: jax.typing.ArrayLike, *, alpha: float | jax.Array = 0.05
+) -> jax.Array:
+    """Length-adaptive GAE λ of VAPO: one λ per row from its number of valid tokens.
+
+    λ = clip(1 − 1 / (α·n), 0, 1),  n = number of valid tokens of the row;  λ = 0 if n = 0.
+    Long responses get λ near 1 (less bias where the reward is far away), short ones less.
+    Pass the result as `lam` (or `policy_lam`) of `compute_gae` / `decoupled_gae`.
+
+    Args:
+      mask: [..., T] bool or numeric, nonzero where token t is an action.
+      alpha: α > 0 (VAPO uses 0.05); may be traced (checked only when concrete).
+
+    Returns:
+      float32 [...] λ per row.
+
+    Raises:
+      ValueError: if `mask` has no time axis or a concrete α is not > 0 and finite.
+    """
+    _checks.positive("alpha", alpha)
+    if jnp.ndim(mask) == 0:
+        raise ValueError(
+            f"`mask` must have a time axis: shape [..., T]. Received: shape {jnp.shape(mask)}."
+        )
+    n = jnp.sum(_checks.valid(mask), axis=-1, dtype=jnp.float32)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    lam = 1.0 - 1.0 / (alpha * jnp.maximum(n, 1.0))
+    return jnp.where(n > 0, jnp.clip(lam, 0.0, 1.0), 0.0)
