@@ -259,15 +259,14 @@ def _support(support: jax.typing.ArrayLike) -> jax.Array:
             f"`support` must be a 1-D array of at least 2 increasing bin centres. "
             f"Received: shape {shape}."
         )
-    centres = jnp.asarray(support, jnp.float32)
     if _checks.is_concrete(support):
-        arr = np.asarray(centres)
+        arr = np.asarray(support, np.float32)
         if not np.all(np.isfinite(arr)) or not np.all(np.diff(arr) > 0):
             raise ValueError(
                 f"`support` must hold finite, strictly increasing bin centres (in float32). "
                 f"Received: support={np.asarray(support)}."
             )
-    return centres
+    return jnp.asarray(support, jnp.float32)
 
 
 def _log_bin_mass(lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -344,7 +343,11 @@ def hl_gauss_probs(
             centres[-1:] + 0.5 * (centres[-1] - centres[-2]),
         ]
     )
-    z = (edges - x[..., None]) / jnp.asarray(sigma, jnp.float32)  # [..., K + 1]
+    sigma = jnp.asarray(sigma, jnp.float32)
+    # 10⁴σ beyond the outer edges the distribution is a one-hot in float32 (unless σ is over
+    # 100 bins wide); clipping there keeps z² finite for any finite target.
+    x = jnp.clip(x, edges[0] - 1e4 * sigma, edges[-1] + 1e4 * sigma)
+    z = (edges - x[..., None]) / sigma  # [..., K + 1]
     return jax.nn.softmax(_log_bin_mass(z[..., :-1], z[..., 1:]), axis=-1)
 
 

@@ -128,6 +128,116 @@ def td_errors(rewards, values, mask, *, gamma, bootstrap_value=None):
     return out.reshape(shape)
 
 
+# ------------------------------------------- advantages: per-row γ/λ, packed segments, VC/VAPO λ
+
+
+def _per_row(x, rows):
+    """A scalar or one value per row -> [R] float64."""
+    return np.broadcast_to(np.asarray(x, np.float64).reshape(-1), (rows,)).copy()
+
+
+def _segment_positions(ids_row):
+    """{id: positions holding it, in order} for the nonzero ids of one row."""
+    out = {}
+    for t, s in enumerate(ids_row):
+        if s != 0:
+            out.setdefault(int(s), []).append(t)
+    return out
+
+
+def segmented_gae(rewards, values, mask, *, gamma, lam, bootstrap_value=None, segment_ids=None):
+    """Skip-mask GAE run separately on each segment of each row, γ and λ scalars or per row.
+
+    A segment is the set of positions with one nonzero id; each is a rollout of its own: the
+    loop walks its valid positions backwards, starting from its bootstrap value. Without
+    `segment_ids` the whole row is one segment. `bootstrap_value` [...] goes to the segment
+    holding the row's last nonzero id (0 for the others); [..., T] is read at each segment's
+    last position. Padding (id 0) and masked positions get A = returns = 0.
+    """
+    shape = np.shape(rewards)
+    r, v, m = _rows(rewards), _rows(values), _valid_rows(mask)
+    rows, length = r.shape
+    gammas, lams = _per_row(gamma, rows), _per_row(lam, rows)
+    if segment_ids is None:
+        ids = np.ones((rows, length), np.int64)
+    else:
+        ids = np.asarray(segment_ids).reshape(rows, length)
+    per_position = bootstrap_value is not None and np.shape(bootstrap_value) == shape
+    if per_position:
+        boot_pos = _rows(bootstrap_value)
+    else:
+        boot_row = _bootstrap_rows(bootstrap_value, shape)
+    adv = np.zeros_like(r)
+    ret = np.zeros_like(r)
+    for i in range(rows):
+        g, lm = gammas[i], lams[i]
+        segments = _segment_positions(ids[i])
+        last_id = int(ids[i][max(t for ts in segments.values() for t in ts)]) if segments else 0
+        for s, positions in segments.items():
+            if per_position:
+                next_value = boot_pos[i, positions[-1]]
+            else:
+                next_value = boot_row[i] if s == last_id else 0.0
+            next_adv = 0.0
+            for t in reversed(positions):
+                if not m[i, t]:
+                    continue
+                delta = r[i, t] + g * next_value - v[i, t]
+                adv[i, t] = delta + g * lm * next_adv
+                ret[i, t] = adv[i, t] + v[i, t]
+                next_value, next_adv = v[i, t], adv[i, t]
+    return adv.reshape(shape), ret.reshape(shape)
+
+
+def decoupled_gae(
+    rewards, values, mask, *, gamma, value_lam, policy_lam, bootstrap_value=None,
+    segment_ids=None,
+):  # fmt: skip
+    """(policy advantages with policy_lam, value returns with value_lam), as two GAE loops."""
+    kw = dict(gamma=gamma, bootstrap_value=bootstrap_value, segment_ids=segment_ids)
+    policy_adv, _ = segmented_gae(rewards, values, mask, lam=policy_lam, **kw)
+    _, value_ret = segmented_gae(rewards, values, mask, lam=value_lam, **kw)
+    return policy_adv, value_ret
+
+
+def length_adaptive_lam(mask, *, alpha):
+    """VAPO: λ = clip(1 − 1/(α·n), 0, 1) per row, n its number of valid tokens; 0 if n = 0."""
+    m = _valid_rows(mask)
+    out = np.zeros(m.shape[0])
+    for i in range(m.shape[0]):
+        n = int(m[i].sum())
+        if n:
+            out[i] = min(max(1.0 - 1.0 / (alpha * n), 0.0), 1.0)
+    return out.reshape(np.shape(mask)[:-1])
+
+
+def packed_mask_and_ids(rng, rows, length, max_segments=4):
+    """[rows, T] (mask, segment_ids) of packed rows: contiguous runs of ids 1..k, padding (0)
+    at the end, runs of id 0 between segments, holes inside segments, and some empty segments
+    (all positions masked)."""
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i in range(rows):
+        t, s = 0, 0
+        while t < length and s < max_segments:
+            t += int(rng.integers(0, 2)) * int(rng.integers(1, 3))  # a gap of padding
+            n = int(rng.integers(1, max(2, length // 2)))
+            stop = min(length, t + n)
+            if t >= stop:
+                break
+            s += 1
+            ids[i, t:stop] = s
+            kind = rng.integers(4)
+            if kind == 0:  # empty segment
+                pass
+            elif kind == 1:  # full segment
+                mask[i, t:stop] = True
+            else:  # holes
+                mask[i, t:stop] = rng.random(stop - t) < 0.7
+            t = stop
+    return mask, ids
+
+
 # ----------------------------------------------------------------------------- masking
 
 
@@ -258,8 +368,10 @@ def value_metrics(values, old_values, returns, mask, *, clip_eps=None):
     clipped = []
     for idx in np.ndindex(v.shape):
         if m[idx] and clip_eps is not None:
+            # Only tokens strictly outside the clip range count: rounding of vc never does.
             vc = old[idx] + min(max(v[idx] - old[idx], -clip_eps), clip_eps)
-            clipped.append(float((vc - r[idx]) ** 2 > (v[idx] - r[idx]) ** 2))
+            really = abs(v[idx] - old[idx]) > clip_eps
+            clipped.append(float(really and (vc - r[idx]) ** 2 > (v[idx] - r[idx]) ** 2))
     n = int(m.sum())
     return {
         "explained_variance": explained_variance(values, returns, mask),
@@ -305,3 +417,168 @@ def token_rewards(sequence_reward, mask, *, kl=None, kl_coef=0.0):
         if valid:
             out[i, valid[-1]] += reward[i]
     return out.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- packing, HL-Gauss
+# ----------------------------------------------------------------------------- and true-value
+# ----------------------------------------------------------------------------- metrics (2026-11-30)
+
+
+def sequences(mask, segment_ids=None):
+    """The "sequences" of a reduction: lists of (row, t) of every row (no segment ids) or of
+    every distinct nonzero id of a row, with a flag per position saying whether it is valid."""
+    m = _valid_rows(mask)
+    ids = None if segment_ids is None else np.asarray(segment_ids).reshape(m.shape)
+    out = []
+    for i in range(m.shape[0]):
+        if ids is None:
+            out.append([(i, t, bool(m[i, t])) for t in range(m.shape[1])])
+            continue
+        for seg in sorted({int(a) for a in ids[i] if a != 0}):
+            out.append([(i, t, bool(m[i, t])) for t in range(m.shape[1]) if ids[i, t] == seg])
+    return out
+
+
+def reduce_tokens(losses, mask, reduction, segment_ids=None):
+    """Reduces [..., T] per-token losses by the loop definitions, a sequence being a row or,
+    with `segment_ids`, a segment (positions of a row sharing a nonzero id)."""
+    length = np.shape(mask)[-1]
+    loss = _rows(losses)
+    seqs = sequences(mask, segment_ids)
+    valid = [(i, t) for seq in seqs for (i, t, ok) in seq if ok]
+    if reduction == "token-mean":
+        return sum(loss[i, t] for i, t in valid) / len(valid) if valid else 0.0
+    if reduction == "seq-mean-token-sum-norm":
+        total = sum(loss[i, t] for i, t in valid)
+        return total / (length * len(seqs)) if seqs and length else 0.0
+    per_seq = []
+    for seq in seqs:
+        vals = [loss[i, t] for (i, t, ok) in seq if ok]
+        if vals:
+            per_seq.append(
+                sum(vals) / len(vals) if reduction == "seq-mean-token-mean" else sum(vals)
+            )
+    return sum(per_seq) / len(per_seq) if per_seq else 0.0
+
+
+def packed_value_loss(
+    values, old_values, returns, mask, *, segment_ids=None, clip_eps=None, loss_type="mse",
+    huber_delta=1.0, reduction="seq-mean-token-mean",
+):  # fmt: skip
+    """`value_loss` with optional segment ids (id 0 is never valid)."""
+    valid = np.asarray(mask) != 0
+    if segment_ids is not None:
+        valid = valid & (np.asarray(segment_ids) != 0)
+    losses, _ = token_losses(
+        values, old_values, returns, valid, clip_eps=clip_eps, loss_type=loss_type,
+        huber_delta=huber_delta,
+    )  # fmt: skip
+    return reduce_tokens(losses.reshape(np.shape(mask)), valid, reduction, segment_ids)
+
+
+def _std_normal_cdf_diff(lo, hi):
+    """Φ(hi) − Φ(lo) for lo < hi, taking the difference in the tail where it is accurate."""
+    if lo > 0:
+        return 0.5 * (math.erfc(lo / math.sqrt(2)) - math.erfc(hi / math.sqrt(2)))
+    return 0.5 * (math.erfc(-hi / math.sqrt(2)) - math.erfc(-lo / math.sqrt(2)))
+
+
+def hl_gauss_probs(x, *, support, sigma):
+    """[..., K] Gaussian bin masses over the edges around the centres `support`, renormalised."""
+    c = [float(a) for a in np.asarray(support, np.float64)]
+    k = len(c)
+    edges = [c[0] - (c[1] - c[0]) / 2]
+    edges += [(c[j] + c[j + 1]) / 2 for j in range(k - 1)]
+    edges += [c[-1] + (c[-1] - c[-2]) / 2]
+    x = np.asarray(x, np.float64)
+    out = np.zeros(x.shape + (k,))
+    for idx in np.ndindex(x.shape):
+        z = [(e - x[idx]) / sigma for e in edges]
+        mass = [_std_normal_cdf_diff(z[j], z[j + 1]) for j in range(k)]
+        total = sum(mass)
+        out[idx] = [a / total for a in mass]
+    return out
+
+
+def hl_gauss_loss(
+    logits, returns, mask, *, support, sigma, reduction="token-mean", segment_ids=None
+):
+    valid = np.asarray(mask) != 0
+    if segment_ids is not None:
+        valid = valid & (np.asarray(segment_ids) != 0)
+    logits = np.asarray(logits, np.float64)
+    returns = np.asarray(returns, np.float64)
+    losses = np.zeros(returns.shape)
+    for idx in np.ndindex(returns.shape):
+        if not valid[idx]:
+            continue
+        z = logits[idx]
+        top = max(z)
+        log_norm = top + math.log(sum(math.exp(a - top) for a in z))
+        target = hl_gauss_probs(returns[idx], support=support, sigma=sigma)
+        losses[idx] = -sum(p * (a - log_norm) for p, a in zip(target, z, strict=True) if p > 0)
+    return reduce_tokens(losses, valid, reduction, segment_ids)
+
+
+def _pop_std(vals):
+    if not vals:
+        return 0.0
+    mean = sum(vals) / len(vals)
+    return math.sqrt(sum((a - mean) ** 2 for a in vals) / len(vals))
+
+
+def _relative_rmse(est, truth, mask):
+    e, y, m = _rows(est), _rows(truth), _valid_rows(mask)
+    pairs = [(e[idx], y[idx]) for idx in np.ndindex(m.shape) if m[idx]]
+    rmse = math.sqrt(sum((a - b) ** 2 for a, b in pairs) / len(pairs)) if pairs else 0.0
+    ys = [b for _, b in pairs]
+    std = _pop_std(ys)
+    relative = rmse / std if ys and max(ys) > min(ys) else rmse
+    return relative, rmse, std
+
+
+def value_error_metrics(values, true_values, mask):
+    relative, rmse, std = _relative_rmse(values, true_values, mask)
+    return {
+        "relative_value_error": relative,
+        "value_rmse": rmse,
+        "true_value_std": std,
+        "explained_variance_vs_true": explained_variance(values, true_values, mask),
+    }
+
+
+def average_ranks(vals):
+    """1-based ranks, ties sharing the mean of the ranks they span."""
+    return [sum(1 for b in vals if b < a) + (sum(1 for b in vals if b == a) + 1) / 2 for a in vals]
+
+
+def spearman(a, b):
+    """Pearson correlation of average ranks; None when either side is constant."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    saa = sum((x - ma) ** 2 for x in ra)
+    sbb = sum((y - mb) ** 2 for y in rb)
+    if saa == 0 or sbb == 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True)) / math.sqrt(saa * sbb)
+
+
+def advantage_metrics(advantages, true_advantages, mask, *, sign_threshold=1e-3):
+    a, y, m = _rows(advantages), _rows(true_advantages), _valid_rows(mask)
+    relative, rmse, std = _relative_rmse(a, y, m)
+    decisive = [idx for idx in np.ndindex(m.shape) if m[idx] and abs(y[idx]) > sign_threshold * std]
+    agree = [float(np.sign(a[idx]) == np.sign(y[idx])) for idx in decisive]
+    rhos = []
+    for t in range(m.shape[1]):
+        rows = [i for i in range(m.shape[0]) if m[i, t]]
+        if len(rows) >= 3:
+            rho = spearman([a[i, t] for i in rows], [y[i, t] for i in rows])
+            if rho is not None:
+                rhos.append(rho)
+    return {
+        "advantage_error_vs_true": relative,
+        "advantage_rmse": rmse,
+        "true_advantage_std": std,
+        "advantage_sign_agreement": sum(agree) / len(agree) if agree else 0.0,
+        "advantage_rank_correlation": sum(rhos) / len(rhos) if rhos else 0.0,
+    }
