@@ -1,6 +1,8 @@
 """Critic diagnostics: explained variance, the statistics logged next to the value loss, and the
 error of values and advantages against known true ones (the synthetic MRP's V*, A*)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -253,9 +255,11 @@ def advantage_metrics(
     decisive = valid & (jnp.abs(true_adv) > jnp.asarray(sign_threshold, jnp.float32) * std)
     agree = jnp.sign(adv) == jnp.sign(true_adv)
     sign_agreement = masked_mean(agree.astype(jnp.float32), decisive)
-    length = valid.shape[-1]
+    rows_by_columns = (math.prod(valid.shape[:-1]), valid.shape[-1])
     rank = _column_spearman(
-        adv.reshape(-1, length), true_adv.reshape(-1, length), valid.reshape(-1, length)
+        adv.reshape(rows_by_columns),
+        true_adv.reshape(rows_by_columns),
+        valid.reshape(rows_by_columns),
     )
     return {
         "advantage_error_vs_true": relative,

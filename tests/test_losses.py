@@ -352,8 +352,10 @@ def test_micro_batch_scaling_sums_to_the_minibatch_loss(reduction, packed_rows):
             )
         return out
 
-    whole, grad = jax.value_and_grad(fn)(values, old_values, returns, mask, segment_ids=ids)
-    split, split_grad = jax.value_and_grad(scaled_sum)(values)
+    whole, grad = jax.jit(jax.value_and_grad(fn))(
+        values, old_values, returns, mask, segment_ids=ids
+    )
+    split, split_grad = jax.jit(jax.value_and_grad(scaled_sum))(values)
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(split_grad, grad, rtol=1e-5, atol=1e-7)
 
@@ -403,6 +405,7 @@ def test_hl_gauss_probs_match_reference(sigma, use_jit):
 
 
 def test_hl_gauss_probs_far_outside_the_support_and_low_precision():
+    probs = jax.jit(critic_jax.hl_gauss_probs, static_argnames="support")
     x = jnp.asarray([-1e6, -40.0, 40.0, 1e30], jnp.float32)
     got = critic_jax.hl_gauss_probs(x, support=SUPPORT, sigma=0.2)
     assert np.all(np.isfinite(got))
@@ -410,13 +413,15 @@ def test_hl_gauss_probs_far_outside_the_support_and_low_precision():
     np.testing.assert_allclose(got[2:, -1], 1.0, rtol=1e-6)
     for dtype in (jnp.bfloat16, jnp.float16):
         low = jnp.asarray([0.3, -1.1], dtype)
-        got = critic_jax.hl_gauss_probs(low, support=SUPPORT, sigma=0.375)
+        got = probs(low, support=tuple(SUPPORT), sigma=0.375)
         assert got.dtype == jnp.float32
         want = references.hl_gauss_probs(np.asarray(low, np.float32), support=SUPPORT, sigma=0.375)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # Traced sigma and gradient with respect to x: finite everywhere.
-    grad = jax.grad(
-        lambda x, s: jnp.sum(critic_jax.hl_gauss_probs(x, support=SUPPORT, sigma=s) * SUPPORT)
+    grad = jax.jit(
+        jax.grad(
+            lambda x, s: jnp.sum(critic_jax.hl_gauss_probs(x, support=SUPPORT, sigma=s) * SUPPORT)
+        )
     )(jnp.asarray([-1e6, 0.1, 40.0]), 0.2)
     assert np.all(np.isfinite(grad))
 

@@ -82,3 +82,151 @@ def test_errors():
         critic_jax.value_metrics(x, jnp.zeros((1, 5)), x, x)
     with pytest.raises(ValueError, match=r"`values`.*floating"):
         critic_jax.explained_variance(jnp.zeros((2, 5), jnp.int32), x, x)
+
+
+def test_clipfrac_ignores_float_rounding_of_the_clipped_values():
+    # |values - old| is inside the clip range everywhere, but old + (values - old) != values
+    # in float32 for many tokens; with returns = values the old count took each such token.
+    rng = np.random.default_rng(10)
+    old = rng.normal(scale=0.1, size=(16, 64)).astype(np.float32)
+    values = rng.normal(scale=0.1, size=old.shape).astype(np.float32)
+    mask = np.ones(old.shape, bool)
+    assert np.all(np.abs(values - old) < 1.0)
+    vc = old + np.clip(values - old, -1.0, 1.0)
+    assert np.mean(vc != values) > 0.2  # the data does hit the rounding
+    got = jax.jit(functools.partial(critic_jax.value_metrics, clip_eps=1.0))(
+        values, old, values, mask
+    )
+    want = references.value_metrics(values, old, values, mask, clip_eps=1.0)
+    assert want["clipfrac"] == 0.0
+    assert float(got["clipfrac"]) == 0.0
+    # Really clipped tokens still count: returns far below, values above the range.
+    far = values + 0.5
+    got = critic_jax.value_metrics(far, values, values - 10.0, mask, clip_eps=0.3)
+    assert float(got["clipfrac"]) == 0.0  # clipping moves vc towards the returns: smaller loss
+    got = critic_jax.value_metrics(far, values, values + 10.0, mask, clip_eps=0.3)
+    assert float(got["clipfrac"]) == 1.0
+
+
+def test_value_metrics_hyperparameter_errors():
+    x, m = jnp.zeros((2, 5)), jnp.ones((2, 5))
+    for clip_eps in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"`clip_eps`"):
+            critic_jax.value_metrics(x, x, x, m, clip_eps=clip_eps)
+        with pytest.raises(ValueError, match=r"`clip_eps`"):
+            critic_jax.value_loss(x, x, x, m, clip_eps=clip_eps)
+    assert float(critic_jax.value_metrics(x, x, x, m, clip_eps=float("inf"))["clipfrac"]) == 0.0
+
+
+def test_none_arrays_are_named():
+    x, m = jnp.zeros((2, 5)), jnp.ones((2, 5))
+    cases = [
+        (critic_jax.explained_variance, (None, x, m), "values"),
+        (critic_jax.explained_variance, (x, None, m), "returns"),
+        (critic_jax.explained_variance, (x, x, None), "mask"),
+        (critic_jax.value_metrics, (x, None, x, m), "old_values"),
+        (critic_jax.value_metrics, (x, x, x, None), "mask"),
+        (metrics.value_error_metrics, (x, None, m), "true_values"),
+        (metrics.advantage_metrics, (None, x, m), "advantages"),
+        (metrics.advantage_metrics, (x, x, None), "mask"),
+    ]
+    for fn, args, name in cases:
+        with pytest.raises(ValueError, match=f"`{name}`.*None"):
+            fn(*args)
+
+
+def test_empty_time_axis():
+    x, m = jnp.zeros((3, 0)), jnp.ones((3, 0), bool)
+    assert float(critic_jax.explained_variance(x, x, m)) == 0.0
+    for key, value in critic_jax.value_metrics(x, x, x, m, clip_eps=0.2).items():
+        assert float(value) == 0.0, key
+    for key, value in jax.jit(metrics.value_error_metrics)(x, x, m).items():
+        assert float(value) == 0.0, key
+    for key, value in metrics.advantage_metrics(x, x, m).items():
+        assert float(value) == 0.0, key
+
+
+# ----------------------------------------------------------------------------- against the truth
+
+from critic_jax import metrics  # noqa: E402
+
+
+def _truth_batch(seed, shape=(12, 7), ties=False):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=shape).astype(np.float32)
+    estimate = truth + rng.normal(scale=0.7, size=shape).astype(np.float32)
+    if ties:  # average ranks matter: few distinct values
+        truth, estimate = np.round(truth), np.round(estimate * 2) / 2
+    mask = references.mixed_mask(rng, shape)
+    mask[:, 2] = False
+    mask[:2, 2] = True  # a column with 2 valid tokens: no rank correlation there
+    truth, estimate = (references.with_garbage(rng, x, mask) for x in (truth, estimate))
+    return estimate, truth, mask
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_value_error_metrics_match_reference(use_jit):
+    values, true_values, mask = _truth_batch(20)
+    fn = jax.jit(metrics.value_error_metrics) if use_jit else metrics.value_error_metrics
+    got = fn(values, true_values, mask)
+    want = references.value_error_metrics(values, true_values, mask)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].shape == () and got[key].dtype == jnp.float32, key
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_advantage_metrics_match_reference(ties, use_jit):
+    adv, true_adv, mask = _truth_batch(21 + ties, shape=(3, 5, 8), ties=ties)
+    fn = functools.partial(metrics.advantage_metrics, sign_threshold=0.05)
+    got = (jax.jit(fn) if use_jit else fn)(adv, true_adv, mask)
+    want = references.advantage_metrics(adv, true_adv, mask, sign_threshold=0.05)
+    assert set(want) <= set(got)
+    for key, value in want.items():
+        assert got[key].shape == () and got[key].dtype == jnp.float32, key
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert 0.2 < float(got["advantage_rank_correlation"]) < 1.0
+
+
+def test_truth_metrics_on_perfect_and_degenerate_estimates():
+    adv, true_adv, mask = _truth_batch(23, shape=(10, 6))
+    clean = np.where(mask, true_adv, 0.0).astype(np.float32)
+    got = metrics.advantage_metrics(clean, clean, mask)
+    assert float(got["advantage_error_vs_true"]) == 0.0
+    np.testing.assert_allclose(got["advantage_sign_agreement"], 1.0)
+    np.testing.assert_allclose(got["advantage_rank_correlation"], 1.0, rtol=1e-6)
+    got = metrics.advantage_metrics(-clean, clean, mask)
+    assert float(got["advantage_sign_agreement"]) == 0.0
+    np.testing.assert_allclose(got["advantage_rank_correlation"], -1.0, rtol=1e-6)
+    got = metrics.value_error_metrics(clean, clean, mask)
+    assert float(got["relative_value_error"]) == 0.0
+    # Constant truth, one valid token, an empty mask: finite, never NaN.
+    const = np.full(clean.shape, 2.0, np.float32)
+    got = metrics.value_error_metrics(const + 0.5, const, mask)
+    np.testing.assert_allclose(got["relative_value_error"], 0.5)  # falls back to the RMSE
+    assert float(got["true_value_std"]) == 0.0
+    got = metrics.advantage_metrics(clean, const, mask)
+    assert float(got["advantage_rank_correlation"]) == 0.0  # A* constant in every column
+    for empty in (np.zeros_like(mask), np.zeros((10, 0), bool)):
+        for fn in (metrics.value_error_metrics, metrics.advantage_metrics):
+            shape = empty.shape
+            for key, value in fn(adv[:, : shape[1]], true_adv[:, : shape[1]], empty).items():
+                assert float(value) == 0.0, key
+    # Scale invariance of the sign threshold: it is relative to std(A*).
+    a = metrics.advantage_metrics(adv, true_adv, mask, sign_threshold=0.5)
+    adv, true_adv = (np.where(mask, x, 0.0) for x in (adv, true_adv))
+    b = metrics.advantage_metrics(adv * 1e3, true_adv * 1e3, mask, sign_threshold=0.5)
+    np.testing.assert_allclose(a["advantage_sign_agreement"], b["advantage_sign_agreement"])
+
+
+def test_truth_metric_errors():
+    x, m = jnp.zeros((2, 5)), jnp.ones((2, 5))
+    with pytest.raises(ValueError, match=r"Shape mismatch.*`true_values`"):
+        metrics.value_error_metrics(x, jnp.zeros((2, 4)), m)
+    with pytest.raises(ValueError, match=r"`true_advantages`.*floating"):
+        metrics.advantage_metrics(x, jnp.zeros((2, 5), jnp.int32), m)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"`sign_threshold`"):
+            metrics.advantage_metrics(x, x, m, sign_threshold=bad)
