@@ -109,11 +109,14 @@ def test_matches_reference_forward_and_gradients(implementation, case, num_kv_he
 
 
 @pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
-@pytest.mark.parametrize("block_size", [0, 4, 16, 128])
-def test_block_sizes_and_eager(implementation, block_size):
+@pytest.mark.parametrize(("block_size", "use_jit"), [(0, True), (5, True), (128, True), (8, False)])
+def test_block_sizes_with_and_without_jit(implementation, block_size, use_jit):
     q, k, v, _ = _inputs(2, 16, 4, 2, 8, seed=1)
     seg = _segments("packed", 3, 16)[:2]
-    out = dot_product_attention(q, k, v, seg, implementation=implementation, block_size=block_size)
+    fn = functools.partial(
+        dot_product_attention, implementation=implementation, block_size=block_size
+    )
+    out = (jax.jit(fn) if use_jit else fn)(q, k, v, seg)
     np.testing.assert_allclose(out, reference_attention(q, k, v, seg), rtol=1e-5, atol=1e-5)
 
 
@@ -139,15 +142,16 @@ def test_padding_queries_give_zero():
     q, k, v, _ = _inputs(3, 21, 4, 2, 8)
     seg = _segments("packed", 3, 21)
     for implementation in CPU_IMPLEMENTATIONS:
-        out = dot_product_attention(q, k, v, seg, implementation=implementation, block_size=8)
+        fn = functools.partial(dot_product_attention, implementation=implementation, block_size=8)
+        out = jax.jit(fn)(q, k, v, seg)
         np.testing.assert_array_equal(np.asarray(out)[seg == 0], 0.0)
 
 
 def test_padding_mask_equals_segment_ids_and_bool():
     q, k, v, _ = _inputs(3, 21, 4, 2, 8)
     mask = _segments("left_padding", 3, 21) != 0
-    a = dot_product_attention(q, k, v, mask.astype(np.int32), implementation="xla-flash")
-    b = dot_product_attention(q, k, v, mask, implementation="xla-flash")
+    fn = jax.jit(functools.partial(dot_product_attention, implementation="xla-flash"))
+    a, b = fn(q, k, v, mask.astype(np.int32)), fn(q, k, v, mask)
     np.testing.assert_array_equal(a, b)
 
 
@@ -219,25 +223,44 @@ def test_cudnn_matches_reference():
 _SPLASH_COMPILE = textwrap.dedent(
     """
     import json, jax, jax.numpy as jnp
+    from flax import nnx
     from jax.experimental import topologies
     from critic_jax.models.attention import dot_product_attention
 
-    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+    device = topo.devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     results = {}
-    for b, t, n, g, h in [(2, 1000, 4, 2, 128), (1, 8192, 4, 1, 64)]:
-        spec = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-        q, kv, seg = spec(b, t, n, h), spec(b, t, g, h), spec(b, t, dt=jnp.int32)
-        fn = lambda q, k, v, seg: dot_product_attention(q, k, v, seg, implementation="splash")
-        loss = lambda q, k, v, seg: jnp.sum(fn(q, k, v, seg).astype(jnp.float32))
+    fn = lambda q, k, v, seg: dot_product_attention(q, k, v, seg, implementation="splash")
+    loss = lambda q, k, v, seg: jnp.sum(fn(q, k, v, seg).astype(jnp.float32))
+
+    def compile_both(q, kv, seg):
         fwd = jax.jit(fn).lower(q, kv, kv, seg).compile()
         bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile()
-        results[f"{b}x{t}x{n}x{g}x{h}"] = {
-            "platform": device.platform,
-            "pallas_kernel": "tpu_custom_call" in bwd.as_text(),
+        text = bwd.as_text()
+        return {
+            "pallas_kernel": "tpu_custom_call" in text,
+            "all_gathers": text.count("all-gather-start") + text.count(" all-gather("),
             "fwd_temp_bytes": fwd.memory_analysis().temp_size_in_bytes,
             "bwd_temp_bytes": bwd.memory_analysis().temp_size_in_bytes,
         }
+
+    results = {"platform": device.platform}
+    for b, t, n, g, h in [(2, 1000, 4, 2, 128), (1, 8192, 4, 1, 64)]:
+        spec = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+        q, kv, seg = spec(b, t, n, h), spec(b, t, g, h), spec(b, t, dt=jnp.int32)
+        results[f"{b}x{t}x{n}x{g}x{h}"] = compile_both(q, kv, seg)
+
+    # On a 2x2 mesh the kernel runs in a shard_map: batch over "data", kv heads over "tensor".
+    mesh = topologies.make_mesh(topo, (2, 2), ("data", "tensor"))
+    heads = jax.sharding.NamedSharding(mesh, jax.P("data", None, "tensor"))
+    rows = jax.sharding.NamedSharding(mesh, jax.P("data"))
+    q = jax.ShapeDtypeStruct((4, 1000, 4, 128), jnp.bfloat16, sharding=heads)
+    kv = jax.ShapeDtypeStruct((4, 1000, 2, 128), jnp.bfloat16, sharding=heads)
+    seg = jax.ShapeDtypeStruct((4, 1000), jnp.int32, sharding=rows)
+    rules = (("batch", "data"), ("kv_heads", "tensor"))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        results["mesh_2x2"] = compile_both(q, kv, seg)
     print("RESULT " + json.dumps(results))
     """
 )
@@ -257,8 +280,26 @@ def test_splash_compiles_for_tpu():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     results = json.loads(lines[-1][len("RESULT ") :])
+    assert results.pop("platform") == "tpu"
     for shape, stats in results.items():
-        assert stats["platform"] == "tpu", shape
         assert stats["pallas_kernel"], shape
+        assert stats["all_gathers"] == 0, shape
     # Linear memory: at T=8192 the bf16 scores of one head alone would be 128 MiB.
     assert results["1x8192x4x1x64"]["bwd_temp_bytes"] < 8192 * 8192 * 2 // 8
+
+
+def test_flash_under_a_mesh_keeps_the_batch_and_heads_split():
+    # 8 fake CPU devices: data=4 x tensor=2, batch and heads split; no gathers, same numbers.
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2)
+    q, k, v, dout = _inputs(4, 21, 4, 2, 8, seed=4)
+    seg = np.concatenate([_segments("packed", 3, 21), _segments("left_padding", 3, 21)[1:2]])
+    heads = jax.sharding.NamedSharding(mesh, jax.P("data", None, "tensor"))
+    rows = jax.sharding.NamedSharding(mesh, jax.P("data"))
+    fn = functools.partial(dot_product_attention, implementation="xla-flash", block_size=8)
+    step = jax.jit(functools.partial(_grads, fn), in_shardings=(heads, heads, heads, rows, heads))
+    text = step.lower(q, k, v, seg, dout).compile().as_text()
+    assert "all-gather" not in text and "all-to-all" not in text
+    _, *want = reference_attention(q, k, v, seg, dout)
+    for name, got, ref in zip("qkv", step(q, k, v, seg, dout), want, strict=True):
+        assert got.sharding.spec == jax.P("data", None, "tensor"), name
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)

@@ -31,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import spmd as core_spmd
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla-flash", "cudnn", "splash")
 
@@ -438,6 +439,46 @@ def _splash_kernel(num_heads: int, seq_len: int, block: int):
 
 
 def _splash_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, *, block_size: int) -> jax.Array:
+    """Splash attention, inside a `shard_map` when a multi-device mesh is in scope.
+
+    Mosaic kernels cannot be partitioned by the compiler, so under `jax.set_mesh(mesh)` each
+    device runs the kernel on its own batch rows and kv heads: the batch is split over the mesh
+    axes of the logical name "batch" and the heads over those of "kv_heads" (the rules of
+    `nnx.logical_axis_rules` in scope; without rules, the batch over every mesh axis). An axis
+    whose size does not divide the dimension is dropped, so that dimension is replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q_btnh, k_bsgh, v_bsgh, seg_bt, block_size=block_size)
+    rules = dict(core_spmd.get_logical_axis_rules() or ())
+    if rules:
+        batch_axes, head_axes = rules.get("batch"), rules.get("kv_heads")
+    else:
+        batch_axes, head_axes = mesh.axis_names, None
+    batch = _dividing_axes(mesh, batch_axes, q_btnh.shape[0])
+    heads = _dividing_axes(mesh, head_axes, k_bsgh.shape[2])
+    qkv_spec = jax.P(batch, None, heads, None)
+    local = functools.partial(_splash_local, block_size=block_size)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, jax.P(batch, None)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q_btnh, k_bsgh, v_bsgh, seg_bt)
+
+
+def _dividing_axes(mesh, names, size: int) -> tuple[str, ...] | None:
+    """The mesh axes among `names` (one name or several) whose product of sizes divides `size`."""
+    if names is None:
+        return None
+    names = (names,) if isinstance(names, str) else tuple(names)
+    names = tuple(a for a in names if a in mesh.axis_names)
+    parts = math.prod(mesh.shape[a] for a in names)
+    return names if names and size % parts == 0 else None
+
+
+def _splash_local(q_btnh, k_bsgh, v_bsgh, seg_bt, *, block_size: int) -> jax.Array:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, t, n, h = q_btnh.shape
