@@ -238,6 +238,116 @@ def packed_mask_and_ids(rng, rows, length, max_segments=4):
     return mask, ids
 
 
+# ------------------------------------------- advantages: per-row γ/λ, packed segments, VC/VAPO λ
+
+
+def _per_row(x, rows):
+    """A scalar or one value per row -> [R] float64."""
+    return np.broadcast_to(np.asarray(x, np.float64).reshape(-1), (rows,)).copy()
+
+
+def _segment_positions(ids_row):
+    """{id: positions holding it, in order} for the nonzero ids of one row."""
+    out = {}
+    for t, s in enumerate(ids_row):
+        if s != 0:
+            out.setdefault(int(s), []).append(t)
+    return out
+
+
+def segmented_gae(rewards, values, mask, *, gamma, lam, bootstrap_value=None, segment_ids=None):
+    """Skip-mask GAE run separately on each segment of each row, γ and λ scalars or per row.
+
+    A segment is the set of positions with one nonzero id; each is a rollout of its own: the
+    loop walks its valid positions backwards, starting from its bootstrap value. Without
+    `segment_ids` the whole row is one segment. `bootstrap_value` [...] goes to the segment
+    holding the row's last nonzero id (0 for the others); [..., T] is read at each segment's
+    last position. Padding (id 0) and masked positions get A = returns = 0.
+    """
+    shape = np.shape(rewards)
+    r, v, m = _rows(rewards), _rows(values), _valid_rows(mask)
+    rows, length = r.shape
+    gammas, lams = _per_row(gamma, rows), _per_row(lam, rows)
+    if segment_ids is None:
+        ids = np.ones((rows, length), np.int64)
+    else:
+        ids = np.asarray(segment_ids).reshape(rows, length)
+    per_position = bootstrap_value is not None and np.shape(bootstrap_value) == shape
+    if per_position:
+        boot_pos = _rows(bootstrap_value)
+    else:
+        boot_row = _bootstrap_rows(bootstrap_value, shape)
+    adv = np.zeros_like(r)
+    ret = np.zeros_like(r)
+    for i in range(rows):
+        g, lm = gammas[i], lams[i]
+        segments = _segment_positions(ids[i])
+        last_id = int(ids[i][max(t for ts in segments.values() for t in ts)]) if segments else 0
+        for s, positions in segments.items():
+            if per_position:
+                next_value = boot_pos[i, positions[-1]]
+            else:
+                next_value = boot_row[i] if s == last_id else 0.0
+            next_adv = 0.0
+            for t in reversed(positions):
+                if not m[i, t]:
+                    continue
+                delta = r[i, t] + g * next_value - v[i, t]
+                adv[i, t] = delta + g * lm * next_adv
+                ret[i, t] = adv[i, t] + v[i, t]
+                next_value, next_adv = v[i, t], adv[i, t]
+    return adv.reshape(shape), ret.reshape(shape)
+
+
+def decoupled_gae(
+    rewards, values, mask, *, gamma, value_lam, policy_lam, bootstrap_value=None,
+    segment_ids=None,
+):  # fmt: skip
+    """(policy advantages with policy_lam, value returns with value_lam), as two GAE loops."""
+    kw = dict(gamma=gamma, bootstrap_value=bootstrap_value, segment_ids=segment_ids)
+    policy_adv, _ = segmented_gae(rewards, values, mask, lam=policy_lam, **kw)
+    _, value_ret = segmented_gae(rewards, values, mask, lam=value_lam, **kw)
+    return policy_adv, value_ret
+
+
+def length_adaptive_lam(mask, *, alpha):
+    """VAPO: λ = clip(1 − 1/(α·n), 0, 1) per row, n its number of valid tokens; 0 if n = 0."""
+    m = _valid_rows(mask)
+    out = np.zeros(m.shape[0])
+    for i in range(m.shape[0]):
+        n = int(m[i].sum())
+        if n:
+            out[i] = min(max(1.0 - 1.0 / (alpha * n), 0.0), 1.0)
+    return out.reshape(np.shape(mask)[:-1])
+
+
+def packed_mask_and_ids(rng, rows, length, max_segments=4):
+    """[rows, T] (mask, segment_ids) of packed rows: contiguous runs of ids 1..k, padding (0)
+    at the end, runs of id 0 between segments, holes inside segments, and some empty segments
+    (all positions masked)."""
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i in range(rows):
+        t, s = 0, 0
+        while t < length and s < max_segments:
+            t += int(rng.integers(0, 2)) * int(rng.integers(1, 3))  # a gap of padding
+            n = int(rng.integers(1, max(2, length // 2)))
+            stop = min(length, t + n)
+            if t >= stop:
+                break
+            s += 1
+            ids[i, t:stop] = s
+            kind = rng.integers(4)
+            if kind == 0:  # empty segment
+                pass
+            elif kind == 1:  # full segment
+                mask[i, t:stop] = True
+            else:  # holes
+                mask[i, t:stop] = rng.random(stop - t) < 0.7
+            t = stop
+    return mask, ids
+
+
 # ----------------------------------------------------------------------------- masking
 
 
