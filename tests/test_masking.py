@@ -101,3 +101,50 @@ def test_errors():
         critic_jax.masked_var(jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5)))
     with pytest.raises(ValueError, match=r"Shape mismatch"):
         critic_jax.masked_whiten(jnp.zeros((2, 5)), jnp.ones((3, 5)))
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_with_zero_eps_and_zero_variance_is_finite(shift_mean):
+    x = np.full((3, 4), 2.5, np.float32)
+    mask = np.ones((3, 4), bool)
+    fn = functools.partial(critic_jax.masked_whiten, shift_mean=shift_mean, eps=0.0)
+    got, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, mask) ** 2))(x)
+    want = 0.0 if shift_mean else 2.5  # only centred: there is no scale to divide by
+    np.testing.assert_allclose(fn(x, mask), np.full((3, 4), want, np.float32))
+    assert np.isfinite(float(got)) and np.all(np.isfinite(grad))
+    # One valid entry: the unbiased variance is 0 by definition.
+    one = np.zeros((3, 4), bool)
+    one[1, 1] = True
+    assert np.all(np.isfinite(jax.jit(fn)(x, one)))
+    # eps = 0 on spread data is plain whitening.
+    y, m = _batch(5)
+    got = critic_jax.masked_whiten(y, m, shift_mean=shift_mean, eps=0.0)
+    want = references.masked_whiten(y, m, shift_mean=shift_mean, eps=0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_whiten_eps_errors_and_none_arrays():
+    x, m = jnp.zeros((2, 5)), jnp.ones((2, 5))
+    for eps in (-1e-8, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"`eps`"):
+            critic_jax.masked_whiten(x, m, eps=eps)
+    for fn in (critic_jax.masked_mean, critic_jax.masked_var, critic_jax.masked_whiten):
+        with pytest.raises(ValueError, match=r"`x`.*None"):
+            fn(None, m)
+        with pytest.raises(ValueError, match=r"`mask`.*None"):
+            fn(x, None)
+    # A traced eps is allowed (a sweep may vmap it).
+    got = jax.vmap(lambda e: critic_jax.masked_whiten(x + jnp.arange(5.0), m, eps=e))(
+        jnp.array([0.0, 1e-8])
+    )
+    assert got.shape == (2, 2, 5) and np.all(np.isfinite(got))
+
+
+def test_empty_arrays():
+    for shape in [(3, 0), (0,), (0, 4)]:
+        x, m = jnp.zeros(shape), jnp.ones(shape, bool)
+        assert float(critic_jax.masked_mean(x, m)) == 0.0
+        assert float(critic_jax.masked_var(x, m)) == 0.0
+        assert critic_jax.masked_whiten(x, m).shape == shape
+        assert critic_jax.masked_mean(x, m, axis=-1).shape == shape[:-1]
+        assert np.all(np.asarray(critic_jax.masked_var(x, m, axis=-1)) == 0.0)

@@ -93,3 +93,83 @@ def test_errors():
         critic_jax.token_rewards(jnp.zeros(2), x, kl=jnp.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"`sequence_reward`.*floating"):
         critic_jax.token_rewards(jnp.zeros(2, jnp.int32), x)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamp", [None, 2.0])
+def test_garbage_at_masked_positions_never_reaches_the_gradient(kind, clamp):
+    rng = np.random.default_rng(5)
+    mask = references.mixed_mask(rng, SHAPE)
+    logprobs = -rng.exponential(size=SHAPE).astype(np.float32)
+    ref_logprobs = logprobs + rng.normal(scale=0.5, size=SHAPE).astype(np.float32)
+    logprobs, ref_logprobs = (
+        references.with_garbage(rng, x, mask) for x in (logprobs, ref_logprobs)
+    )
+    reward = rng.normal(size=SHAPE[:-1]).astype(np.float32)
+    reward[~mask.any(-1)] = np.nan  # rows without a valid token: their reward is ignored
+
+    def total(logprobs, ref_logprobs, reward, coef):
+        kl = critic_jax.kl_penalty(logprobs, ref_logprobs, kind=kind, clamp=clamp, mask=mask)
+        rewards = critic_jax.token_rewards(reward, mask, kl=kl, kl_coef=coef)
+        return jnp.sum(rewards * jnp.arange(SHAPE[-1])), rewards
+
+    grads, rewards = jax.jit(jax.grad(total, argnums=(0, 1, 2, 3), has_aux=True))(
+        logprobs, ref_logprobs, reward, jnp.float32(0.1)
+    )
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    for g in grads[:2]:
+        np.testing.assert_array_equal(np.asarray(g)[~mask], 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[2])[~mask.any(-1)], 0.0)
+    kl = critic_jax.kl_penalty(logprobs, ref_logprobs, kind=kind, clamp=clamp, mask=mask)
+    np.testing.assert_array_equal(np.asarray(kl)[~mask], 0.0)
+    clean = [np.where(mask, x, 0.0) for x in (logprobs, ref_logprobs)]
+    want_kl = references.kl_penalty(*clean, kind=kind, clamp=clamp)
+    np.testing.assert_allclose(kl, np.where(mask, want_kl, 0.0), rtol=1e-5, atol=1e-6)
+    want = references.token_rewards(np.nan_to_num(reward), mask, kl=want_kl, kl_coef=0.1)
+    np.testing.assert_allclose(rewards, want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_rewards_gradients_ignore_its_own_garbage():
+    rng = np.random.default_rng(6)
+    mask = references.mixed_mask(rng, SHAPE)
+    kl = references.with_garbage(rng, rng.normal(size=SHAPE).astype(np.float32), mask)
+    reward = np.where(mask.any(-1), rng.normal(size=SHAPE[:-1]), np.nan).astype(np.float32)
+
+    def total(reward, kl, coef):
+        return jnp.sum(critic_jax.token_rewards(reward, mask, kl=kl, kl_coef=coef))
+
+    value, grads = jax.value_and_grad(total, argnums=(0, 1, 2))(reward, kl, 0.3)
+    assert np.isfinite(float(value))
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(grads[2], -np.sum(np.where(mask, kl, 0.0)), rtol=1e-5)
+
+
+def test_empty_time_axis_and_none_arrays():
+    mask = np.ones((2, 3, 0), bool)
+    got = jax.jit(critic_jax.token_rewards)(jnp.ones((2, 3)), mask, kl=jnp.zeros((2, 3, 0)))
+    assert got.shape == (2, 3, 0) and got.dtype == jnp.float32
+    got = critic_jax.kl_penalty(jnp.zeros((2, 0)), jnp.zeros((2, 0)), kind="k3", mask=mask[0, :2])
+    assert got.shape == (2, 0)
+    x = jnp.zeros((2, 5))
+    with pytest.raises(ValueError, match=r"`logprobs`.*None"):
+        critic_jax.kl_penalty(None, x)
+    with pytest.raises(ValueError, match=r"`ref_logprobs`.*None"):
+        critic_jax.kl_penalty(x, None)
+    with pytest.raises(ValueError, match=r"`sequence_reward`.*None"):
+        critic_jax.token_rewards(None, x)
+    with pytest.raises(ValueError, match=r"`mask`.*None"):
+        critic_jax.token_rewards(jnp.zeros(2), None)
+    with pytest.raises(ValueError, match=r"Shape mismatch.*`mask`"):
+        critic_jax.kl_penalty(x, x, mask=jnp.ones((2, 4)))
+
+
+def test_nan_hyperparameters_are_rejected():
+    x, reward = jnp.zeros((2, 5)), jnp.zeros(2)
+    for clamp in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match=r"`clamp`"):
+            critic_jax.kl_penalty(x, x, clamp=clamp)
+    for coef in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"`kl_coef`"):
+            critic_jax.token_rewards(reward, x, kl=x, kl_coef=coef)
