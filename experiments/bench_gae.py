@@ -1,7 +1,9 @@
 """How fast is `compute_gae` against the GAE loops RLHF frameworks use?
 
 Times, side by side in one run and on the same float32 [B, T] inputs (right-padded masks):
-- `compute_gae`, method "scan" and "associative", jitted;
+- `compute_gae`, method "scan" and "associative", jitted, scalar γ and λ (the common call);
+- `compute_gae` scan with a per-row λ ([B], as `length_adaptive_lam` gives), and with a per-row λ
+  plus `segment_ids` (each row packed as two rollouts), and `decoupled_gae` (two λ, one scan);
 - a NumPy reverse loop over T, vectorised over the batch (the OpenRLHF/TRL algorithm);
 - the same loop in PyTorch, when torch is importable;
 - `rlax.truncated_generalized_advantage_estimation` vmapped over the batch and jitted (it has no
@@ -11,8 +13,11 @@ Times, side by side in one run and on the same float32 [B, T] inputs (right-padd
   write advantages, returns).
 
 Every JAX function is compiled and warmed up before timing; each timing ends with
-`block_until_ready`; the JAX functions take turns call by call, so that load from other processes
-hits them alike. Reports the median over `--repeats` calls (fewer for the slow host loops).
+`block_until_ready`. The JAX functions are timed in alternating rounds, one call each per round,
+and the order rotates from round to round: a function that runs right after another one that read
+the same inputs finds them in cache, so a fixed order favours whoever comes second. The machine's
+load average is printed beside every table: on a shared machine, compare ratios within one run.
+Reports the median over `--repeats` rounds (fewer for the slow host loops).
 
     python experiments/bench_gae.py [--shapes 64x1024,16x8192] [--repeats 20]
 
@@ -37,78 +42,76 @@ GAMMA, LAM = 0.99, 0.95
 DEFAULT_SHAPES = "64x1024,16x8192,256x2048,4x65536"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Loop-body and layout variants measured while building `compute_gae(method="scan")` on this
-# 2-core CPU shared with other jobs, each against rlax in the same interleaved run:
-# (variant, its best-of-N ms, rlax's in the same run), shapes 64x1024/16x8192/256x2048/4x65536.
+# Scan variants measured on this 2-core CPU shared with other jobs, each against rlax in the same
+# run with rotating order: (variant, its median ms, rlax's in the same run), shapes
+# 256x2048 / 64x1024 / 16x8192 / 4x65536. Earlier measurements (complex packing, time blocks,
+# unrolling, chunked scans) are in the git history of this file.
 VARIANTS = (
     (
-        "straightforward skip-mask scan: carry (A, V_next), `where` in the body",
-        "0.63 / 2.05 / 3.77 / 1.59",
-        "1.04 / 0.90 / 3.48 / 1.32",
+        "complex64-packed (e, c), pre-shifted, time blocks of 8 for B >= 64, unroll 4 for B <= 8 "
+        "(the previous kept variant)",
+        "2.46 / 0.33 / 0.53 / 1.00",
+        "1.83 / 0.33 / 0.54 / 0.90",
     ),
     (
-        "one multiply-add g = e + c*g, carry g = γ(V_t' + λA_t'), two [T, B] inputs, "
-        "emits the incoming carry",
-        "0.40 / 1.03 / 4.57 / 1.46",
-        "0.40 / 0.87 / 4.68 / 0.99",
+        "plain time-major scan over [B] vectors, e and c float32 [T, B], pre-shifted",
+        "4.15 / 0.77 / 0.78 / 0.99",
+        "3.48 / 0.78 / 0.74 / 1.04",
     ),
     (
-        "same, emits the new carry (no per-step carry copy), shifted afterwards",
-        "0.36 / 0.86 / 4.62 / 0.92",
-        "same run",
+        "same, the scan emits g_t and the output is shifted afterwards",
+        "2.52 / 0.52 / - / -",
+        "2.24 / 0.53 / - / -",
     ),
     (
-        "same with unroll 2 / 4 / 8",
-        "0.60-0.66 / 0.84-1.76 / 7.4-7.7 / 0.69-1.81",
-        "same run",
-    ),
-    ("e and c stacked as [T, 2, B]", "0.75 / 0.75 / 9.35 / 0.82", "same run"),
-    (
-        "fori_loop over the columns of [B, T], no transposes",
-        "0.91 / 0.94 / 8.84 / 1.32",
-        "0.45 / 0.50 / 2.94 / 1.31",
+        "same with unroll 2",
+        "8.62 / 0.91 / 1.01 / 1.28",
+        "3.30 / 0.59 / 0.58 / 1.50",
     ),
     (
-        "e and c packed in one complex64 [T, B] array",
-        "0.31 / 0.51 / 4.15 / 1.03",
-        "0.44 / 0.55 / 3.54 / 0.93",
+        "raw inputs transposed first, all elementwise work time-major",
+        "15.4 / 1.65 / 0.79 / 1.48",
+        "3.30 / 0.59 / 0.58 / 1.50",
     ),
     (
-        "complex packing + inputs pre-shifted one step (the scan emits g_{t+1})",
-        "0.32 / 0.53 / 4.21 / 1.28",
-        "0.41 / 0.66 / 3.92 / 1.26",
+        "c replaced by the mask (bool), c = where(m, γλ, 1) in the body",
+        "2.75 / 0.53 / 0.63 / 1.28",
+        "2.24 / 0.53 / 0.58 / 1.50",
     ),
     (
-        "+ time blocks [T/k, B, k], k = 2 / 4 / 8 / 16 steps per scan step",
-        "256x2048: 3.74 / 3.81 / 3.30 / 5.81; 64x1024: 0.39 / 0.30 / 0.26 / 0.74; "
-        "16x8192: 1.19 / 1.02 / 1.10 / 3.71",
-        "3.49; 0.39; 0.78",
-    ),
-    ("the scan also emits A (third input r - V)", "256x2048: 6.23", "3.32"),
-    ("optimisation barriers to keep the transposes unfused", "no gain (within noise)", ""),
-    (
-        "two-level chunked scan (32 or 128 chunks per row)",
-        "0.49-0.66 / 0.85-0.87 / 2.1-2.7 / 1.81-1.83",
-        "1.04 / 0.90 / 3.48 / 1.32",
+        "**kept**: e float32 + one uint8 step kind (transparent / valid / reset) per position, "
+        "c = γλ of the row picked in the body; per-row λ and segments use the same scan",
+        "1.69 / 0.34 / 0.60 / 1.03",
+        "1.83 / 0.33 / 0.54 / 0.90",
     ),
     (
-        "**kept**: pre-shifted complex64 input; k = 8 blocks for B >= 64, one step per scan "
-        "step otherwise; unroll 4 for B <= 8",
-        "0.41 / 0.79 / 3.63 / 1.01",
-        "0.66 / 1.26 / 4.29 / 1.27",
+        "kept + time blocks of 4 / 8 per scan step",
+        "3.50 / 0.55 and 2.44 / 0.43 (256x2048 / 64x1024)",
+        "1.83 / 0.33",
+    ),
+    (
+        "kept, kind as int32 instead of uint8",
+        "4.06 / 0.76 / 0.77 / 1.22",
+        "3.48 / 0.78 / 0.74 / 1.04",
+    ),
+    (
+        "no transposes: fori_loop over [B, k] blocks of the [B, T] inputs, k = 8 / 16 / 32, "
+        "everything fused in the body",
+        "3.7-11 / 0.54-0.99 / 1.6-2.7 / 7-21",
+        "3.56 / 0.41 / 0.68 / 1.19",
     ),
 )
 NOTES = (
     "\n## Scan variants measured during development\n\n"
-    "ms (median or best of N calls; variant and rlax timed in the same run, taking turns except "
-    "in the first and the chunked rows) on the same 2-core CPU, shared with other jobs "
-    "(load 3-6), so absolute numbers drift between runs: compare within a row. "
-    "Shapes 64x1024 / 16x8192 / 256x2048 / 4x65536.\n\n"
+    "Median ms, each variant and rlax timed in the same run on the same 2-core CPU, shared with "
+    "other jobs (load 1.5-4), so absolute numbers drift between runs: compare within a row. "
+    "Shapes 256x2048 / 64x1024 / 16x8192 / 4x65536.\n\n"
     "| variant | variant ms | rlax ms, same run |\n|---|---|---|\n"
     + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in VARIANTS)
-    + "\nOn this CPU the transposes between the [B, T] arguments and the time-major scan cost "
-    "more than the recurrence itself; the kept variant moves one transposed array in and one "
-    "out.\n"
+    + "\nThe loop body costs the same in every variant; what differs is the bytes moved through "
+    "the transposes into and out of the time-major scan, and which function finds the inputs in "
+    "cache. Before the timing rounds rotated, the function timed right after another one that "
+    "read the same inputs looked up to 1.7x faster than it is (measured on the scan alone).\n"
 )
 
 
@@ -159,16 +162,17 @@ def memory_floor(rewards, values, mask):
 
 
 def _interleaved_median_ms(fns, args, repeats):
-    """Median ms of each jitted fn; the fns take turns so that load from other processes on a
-    shared machine hits all of them alike."""
+    """Median and best ms of each jitted fn, in alternating rounds whose order rotates."""
     for fn in fns.values():  # compile, then warm up
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(fns[name](*args))
             times[name].append(time.perf_counter() - start)
     return {name: (1e3 * float(np.median(t)), 1e3 * min(t)) for name, t in times.items()}
 
@@ -207,29 +211,49 @@ def run(shapes, repeats):
     except ImportError:
         have_rlax = False
 
-    gae = {
-        m: jax.jit(functools.partial(critic_jax.compute_gae, gamma=GAMMA, lam=LAM, method=m))
-        for m in ("scan", "associative")
+    def gae(method):
+        fn = functools.partial(critic_jax.compute_gae, gamma=GAMMA, lam=LAM, method=method)
+        return jax.jit(lambda r, v, m, lam, ids: fn(r, v, m))
+
+    def _drop_extra(fn):
+        return jax.jit(lambda r, v, m, lam, ids: fn(r, v, m))
+
+    jitted = {
+        "memory floor (jit elementwise)": _drop_extra(memory_floor),
+        "compute_gae scan": gae("scan"),
+        "compute_gae associative": gae("associative"),
+        "compute_gae scan, per-row lam": jax.jit(
+            lambda r, v, m, lam, ids: critic_jax.compute_gae(r, v, m, gamma=GAMMA, lam=lam)
+        ),
+        "compute_gae scan, per-row lam + segment_ids": jax.jit(
+            lambda r, v, m, lam, ids: critic_jax.compute_gae(
+                r, v, m, gamma=GAMMA, lam=lam, segment_ids=ids
+            )
+        ),
+        "decoupled_gae (value lam 1, policy lam 0.95)": jax.jit(
+            lambda r, v, m, lam, ids: critic_jax.decoupled_gae(r, v, m, gamma=GAMMA, policy_lam=LAM)
+        ),
     }
+    if have_rlax:
+        jitted["rlax (vmap, jit)"] = _drop_extra(rlax_gae)
     rows_out = []
     for rows, length in shapes:
         r, v, m = _inputs(rows, length)
-        jr, jv, jm = (jnp.asarray(x) for x in (r, v, m))
+        # Per-row λ all equal to LAM and two packed rollouts per row: the same answer as above.
+        lam = np.full(rows, LAM, np.float32)
+        ids = np.where(m != 0, 1 + (np.arange(length) >= length // 4), 0).astype(np.int32)
+        args = tuple(jnp.asarray(x) for x in (r, v, m, lam, ids))
         # Same answer as the framework loop on right-padded masks (masked entries are 0 in both).
         want, _ = numpy_loop(r.astype(np.float64), v.astype(np.float64), m.astype(np.float64))
-        for fn in gae.values():
-            got, _ = fn(jr, jv, jm)
+        for name in ("compute_gae scan", "compute_gae associative", "decoupled_gae"):
+            name = next(k for k in jitted if k.startswith(name))
+            got, _ = jitted[name](*args)
             np.testing.assert_allclose(np.asarray(got), want * m, rtol=1e-3, atol=1e-3)
 
         slow_repeats = max(1, min(repeats, 3 if length >= 65536 else 5))
-        jitted = {
-            "memory floor (jit elementwise)": jax.jit(memory_floor),
-            "compute_gae scan": gae["scan"],
-            "compute_gae associative": gae["associative"],
-        }
-        if have_rlax:
-            jitted["rlax (vmap, jit)"] = jax.jit(rlax_gae)
-        timings = _interleaved_median_ms(jitted, (jr, jv, jm), repeats)
+        load_start = _load()
+        timings = _interleaved_median_ms(jitted, args, repeats)
+        load = max(load_start, _load())
         timings["numpy loop"] = _median_ms(numpy_loop, (r, v, m), slow_repeats)
         if torch is not None:
             tr, tv, tm = (torch.from_numpy(x) for x in (r, v, m))
@@ -239,6 +263,7 @@ def run(shapes, repeats):
         best = {k: b for k, (_, b) in timings.items()}
         timings = {k: m for k, (m, _) in timings.items()}
         floor = timings["memory floor (jit elementwise)"]
+        print(f"{rows}x{length}: load average {load:.2f}", flush=True)
         for method, ms in timings.items():
             rows_out.append(
                 {
@@ -252,13 +277,20 @@ def run(shapes, repeats):
                     "speedup_vs_torch": timings.get("torch loop", np.nan) / ms,
                     "x_floor": ms / floor,
                     "floor_gb_per_s": 5 * 4 * rows * length / floor / 1e6,
+                    "load_avg": load,
                 }
             )
             print(
-                f"{rows}x{length:<6} {method:32s} {ms:10.3f} ms  x{ms / floor:8.1f} floor",
+                f"  {method:44s} {ms:10.3f} ms  x{ms / floor:8.1f} floor  "
+                f"x{timings.get('rlax (vmap, jit)', np.nan) / ms:5.2f} rlax",
                 flush=True,
             )
     return rows_out
+
+
+def _load() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def _write(rows_out, command, results: Path = RESULTS):
@@ -271,26 +303,32 @@ def _write(rows_out, command, results: Path = RESULTS):
             {k: v if isinstance(v, str) else f"{v:.6g}" for k, v in row.items()} for row in rows_out
         )
     header = (
-        "| shape | method | median ms | best ms | Mtok/s | speedup vs rlax | vs numpy | vs torch "
-        "| x memory floor |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | median ms | best ms | Mtok/s | speedup vs rlax | vs numpy | vs torch "
+        "| x memory floor |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    lines = []
-    for row in rows_out:
-        lines.append(
-            f"| {row['shape']} | {row['method']} | {row['median_ms']:.3f} | {row['best_ms']:.3f} | "
+    tables = []
+    for shape in dict.fromkeys(row["shape"] for row in rows_out):
+        rows = [row for row in rows_out if row["shape"] == shape]
+        lines = [
+            f"| {row['method']} | {row['median_ms']:.3f} | {row['best_ms']:.3f} | "
             f"{row['mtokens_per_s']:.1f} | {row['speedup_vs_rlax']:.2f} | "
             f"{row['speedup_vs_numpy']:.1f} | {row['speedup_vs_torch']:.1f} | "
             f"{row['x_floor']:.1f} |"
+            for row in rows
+        ]
+        tables.append(
+            f"### {shape} (load average {rows[0]['load_avg']:.2f})\n\n" + header + "\n".join(lines)
         )
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = (
         "# GAE benchmark\n\n"
         f"`{command}` on {platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__}, "
-        f"backend {jax.default_backend()}, float32, gamma={GAMMA}, lam={LAM}, right-padded masks; "
-        f"load average {load:.2f} when it ended. Speedups are other_time / this_time. "
-        "The memory floor is a jitted elementwise op reading 3 and writing 2 [B, T] float32 "
-        "arrays, timed in the same run. Speedups, Mtok/s and x floor use the medians; `best` "
-        "is the fastest call.\n\n" + header + "\n".join(lines) + "\n" + NOTES
+        f"backend {jax.default_backend()}, float32, gamma={GAMMA}, lam={LAM}, right-padded masks "
+        f"(the segment rows pack each row as two rollouts). Load average {_load():.2f} when it "
+        "ended; each table gives the highest 1-minute load average seen while its JAX functions "
+        "were timed. Speedups are other_time / this_time. The memory floor is a jitted "
+        "elementwise op reading 3 and writing 2 [B, T] float32 arrays, timed in the same run. "
+        "Speedups, Mtok/s and x floor use the medians of rounds in rotating order; `best` is the "
+        "fastest call.\n\n" + "\n\n".join(tables) + "\n" + NOTES
     )
     (results / "bench_gae.md").write_text(text)
     return text
