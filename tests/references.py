@@ -582,3 +582,22 @@ def advantage_metrics(advantages, true_advantages, mask, *, sign_threshold=1e-3)
         "advantage_sign_agreement": sum(agree) / len(agree) if agree else 0.0,
         "advantage_rank_correlation": sum(rhos) / len(rhos) if rhos else 0.0,
     }
+
+
+def property_case(seed, shape, density, empty_row, dtype, names):
+    """Inputs of a property test: a mask of `density` (row 0 emptied when `empty_row`) and
+    float32 normal arrays named `names`, cast to `dtype` (a name) after garbage is written at
+    masked positions. Returns (mask, {name: low-precision array}, {name: float32 upcast})."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < density
+    if empty_row and mask.ndim and mask.shape[0]:
+        mask[0] = False
+    low, up = {}, {}
+    for name in names:
+        x = with_garbage(rng, rng.normal(size=shape).astype(np.float32), mask)
+        with np.errstate(over="ignore"):
+            low[name] = x.astype(np.dtype(getattr(ml_dtypes, dtype, dtype)))
+        up[name] = low[name].astype(np.float32)
+    return mask, low, up

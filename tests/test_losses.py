@@ -526,3 +526,65 @@ def test_hl_gauss_errors():
     # A traced support skips the value checks but still works.
     got = jax.jit(lambda s: critic_jax.hl_gauss_loss(logits, x, m, support=s, sigma=1.0))(SUPPORT)
     np.testing.assert_allclose(got, np.log(9.0), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+SHAPES = st.sampled_from([(1, 0), (3, 0), (1, 1), (3, 1), (2, 5), (4, 7), (2, 2, 6)])
+DENSITY = st.sampled_from([0.0, 0.3, 0.8, 1.0])
+DTYPES = st.sampled_from(["float32", "bfloat16", "float16"])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+@PROPERTY
+@given(
+    shape=SHAPES, density=DENSITY, empty_row=st.booleans(), dtype=DTYPES, seed=SEEDS,
+    reduction=st.sampled_from(REDUCTIONS), loss_type=st.sampled_from(["mse", "huber"]),
+    clip_eps=st.sampled_from([None, 0.0, 0.3]),
+)  # fmt: skip
+def test_property_value_loss(shape, density, empty_row, dtype, seed, reduction, loss_type,
+                             clip_eps):  # fmt: skip
+    mask, low, up = references.property_case(
+        seed, shape, density, empty_row, dtype, ("values", "old", "returns")
+    )
+    kwargs = dict(clip_eps=clip_eps, loss_type=loss_type, huber_delta=0.7, reduction=reduction)
+    fn = functools.partial(critic_jax.value_loss, **kwargs)
+    loss, grad = jax.value_and_grad(fn)(low["values"], low["old"], low["returns"], mask)
+    assert loss.dtype == jnp.float32
+    want = references.value_loss(up["values"], up["old"], up["returns"], mask, **kwargs)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+    np.testing.assert_array_equal(np.asarray(grad, np.float32)[~mask], 0.0)
+
+
+@settings(PROPERTY, max_examples=15)
+@given(
+    shape=SHAPES, density=DENSITY, empty_row=st.booleans(), dtype=DTYPES, seed=SEEDS,
+    reduction=st.sampled_from(REDUCTIONS), sigma=st.sampled_from([0.1, 0.75, 4.0]),
+)  # fmt: skip
+def test_property_hl_gauss(shape, density, empty_row, dtype, seed, reduction, sigma):
+    mask, low, up = references.property_case(seed, shape, density, empty_row, dtype, ("returns",))
+    support = np.linspace(-2.0, 2.0, 5)
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(*shape, 5)).astype(np.float32)
+    logits[~mask] = np.nan
+    logits = logits.astype(low["returns"].dtype)
+    probs = critic_jax.hl_gauss_probs(
+        np.where(mask, low["returns"], 0).astype(low["returns"].dtype), support=support, sigma=sigma
+    )
+    assert probs.shape == (*shape, 5) and probs.dtype == jnp.float32
+    assert np.all(np.asarray(probs) >= 0)
+    np.testing.assert_allclose(np.sum(probs, axis=-1), 1.0, rtol=1e-5)
+    kwargs = dict(support=support, sigma=sigma, reduction=reduction)
+    fn = functools.partial(critic_jax.hl_gauss_loss, **kwargs)
+    loss, grad = jax.value_and_grad(fn)(logits, low["returns"], mask)
+    want = references.hl_gauss_loss(logits.astype(np.float32), up["returns"], mask, **kwargs)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+    np.testing.assert_array_equal(np.asarray(grad, np.float32)[~mask], 0.0)

@@ -148,3 +148,49 @@ def test_empty_arrays():
         assert critic_jax.masked_whiten(x, m).shape == shape
         assert critic_jax.masked_mean(x, m, axis=-1).shape == shape[:-1]
         assert np.all(np.asarray(critic_jax.masked_var(x, m, axis=-1)) == 0.0)
+
+
+# ----------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@PROPERTY
+@given(
+    shape=st.sampled_from([(1, 0), (3, 0), (1, 1), (3, 1), (2, 5), (4, 7), (2, 2, 6)]),
+    density=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+    empty_row=st.booleans(),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    seed=st.integers(0, 2**31 - 1),
+    axis=st.sampled_from([None, -1, 0]),
+    shift_mean=st.booleans(),
+)
+def test_property_masked_statistics(shape, density, empty_row, dtype, seed, axis, shift_mean):
+    mask, low, up = references.property_case(seed, shape, density, empty_row, dtype, ("x",))
+    x, x32 = low["x"], up["x"]
+    mean = critic_jax.masked_mean(x, mask, axis=axis)
+    np.testing.assert_allclose(mean, references.masked_mean(x32, mask, axis), rtol=1e-5, atol=1e-6)
+    for unbiased in (True, False):
+        var = critic_jax.masked_var(x, mask, axis=axis, unbiased=unbiased)
+        want = references.masked_var(x32, mask, axis, unbiased)
+        np.testing.assert_allclose(var, want, rtol=1e-4, atol=1e-6)
+    whiten = critic_jax.masked_whiten(x, mask, shift_mean=shift_mean)
+    want = references.masked_whiten(x32, mask, shift_mean=shift_mean)
+    np.testing.assert_allclose(whiten, want, rtol=1e-4, atol=1e-4)
+
+    def total(x):
+        weights = jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)
+        return (
+            jnp.sum(critic_jax.masked_mean(x, mask, axis=axis))
+            + jnp.sum(critic_jax.masked_var(x, mask, axis=axis))
+            + jnp.sum(critic_jax.masked_whiten(x, mask, shift_mean=shift_mean) * weights)
+        )
+
+    grad = np.asarray(jax.grad(total)(x), np.float32)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(grad[~mask], 0.0)

@@ -230,3 +230,59 @@ def test_truth_metric_errors():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"`sign_threshold`"):
             metrics.advantage_metrics(x, x, m, sign_threshold=bad)
+
+
+# ----------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+SHAPES = st.sampled_from([(1, 0), (3, 0), (1, 1), (3, 1), (2, 5), (4, 7), (2, 2, 6)])
+DENSITY = st.sampled_from([0.0, 0.3, 0.8, 1.0])
+DTYPES = st.sampled_from(["float32", "bfloat16", "float16"])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+@PROPERTY
+@given(
+    shape=SHAPES, density=DENSITY, empty_row=st.booleans(), dtype=DTYPES, seed=SEEDS,
+    clip_eps=st.sampled_from([None, 0.0, 0.3]),
+)  # fmt: skip
+def test_property_value_metrics_and_explained_variance(shape, density, empty_row, dtype, seed,
+                                                       clip_eps):  # fmt: skip
+    mask, low, up = references.property_case(
+        seed, shape, density, empty_row, dtype, ("values", "old", "returns")
+    )
+    got = critic_jax.value_metrics(
+        low["values"], low["old"], low["returns"], mask, clip_eps=clip_eps
+    )
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = references.value_metrics(up["values"], up["old"], up["returns"], mask,
+                                        clip_eps=clip_eps)  # fmt: skip
+    for key, value in want.items():
+        assert got[key].dtype == jnp.float32 and np.isfinite(float(got[key])), key
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+    def ev(values):
+        return critic_jax.explained_variance(values, low["returns"], mask)
+
+    value, grad = jax.value_and_grad(ev)(up["values"])
+    np.testing.assert_allclose(value, want["explained_variance"], rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(np.asarray(grad)[~mask], 0.0)
+
+
+@PROPERTY
+@given(shape=SHAPES, density=DENSITY, empty_row=st.booleans(), dtype=DTYPES, seed=SEEDS)
+def test_property_truth_metrics(shape, density, empty_row, dtype, seed):
+    mask, low, up = references.property_case(seed, shape, density, empty_row, dtype, ("a", "b"))
+    got = metrics.value_error_metrics(low["a"], low["b"], mask)
+    got.update(metrics.advantage_metrics(low["a"], low["b"], mask))
+    want = references.value_error_metrics(up["a"], up["b"], mask)
+    want.update(references.advantage_metrics(up["a"], up["b"], mask))
+    for key, value in want.items():
+        assert got[key].dtype == jnp.float32 and np.isfinite(float(got[key])), key
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=key)

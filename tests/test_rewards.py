@@ -173,3 +173,52 @@ def test_nan_hyperparameters_are_rejected():
     for coef in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"`kl_coef`"):
             critic_jax.token_rewards(reward, x, kl=x, kl_coef=coef)
+
+
+# ----------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@PROPERTY
+@given(
+    shape=st.sampled_from([(1, 0), (3, 0), (1, 1), (3, 1), (2, 5), (4, 7), (2, 2, 6)]),
+    density=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+    empty_row=st.booleans(),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["k1", "k2", "k3"]),
+    clamp=st.sampled_from([None, 1.0]),
+)
+def test_property_kl_penalty_and_token_rewards(shape, density, empty_row, dtype, seed, kind,
+                                               clamp):  # fmt: skip
+    mask, low, up = references.property_case(
+        seed, shape, density, empty_row, dtype, ("logprobs", "ref_logprobs")
+    )
+    rng = np.random.default_rng(seed)
+    reward = rng.normal(size=shape[:-1]).astype(np.float32)
+    reward[~mask.any(-1)] = np.nan
+
+    def total(logprobs, ref_logprobs, reward, coef):
+        kl = critic_jax.kl_penalty(logprobs, ref_logprobs, kind=kind, clamp=clamp, mask=mask)
+        rewards = critic_jax.token_rewards(reward, mask, kl=kl, kl_coef=coef)
+        return jnp.sum(rewards), (kl, rewards)
+
+    grads, (kl, rewards) = jax.grad(total, argnums=(0, 1, 2, 3), has_aux=True)(
+        low["logprobs"], low["ref_logprobs"], reward, jnp.float32(0.2)
+    )
+    assert kl.dtype == rewards.dtype == jnp.float32
+    clean = [np.where(mask, up[k], 0.0) for k in ("logprobs", "ref_logprobs")]
+    want_kl = np.where(mask, references.kl_penalty(*clean, kind=kind, clamp=clamp), 0.0)
+    np.testing.assert_allclose(kl, want_kl, rtol=1e-5, atol=1e-6)
+    want = references.token_rewards(np.nan_to_num(reward), mask, kl=want_kl, kl_coef=0.2)
+    np.testing.assert_allclose(rewards, want, rtol=1e-5, atol=1e-6)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    for g in grads[:2]:
+        np.testing.assert_array_equal(np.asarray(g, np.float32)[~mask], 0.0)
