@@ -162,8 +162,10 @@ _REDUCTION_DOC = """
     share a nonzero id; id 0 is padding and never valid. The seq-mean reductions average over
     segments with a valid token, and "seq-mean-token-sum-norm" divides by T·S, S the number of
     segments (distinct nonzero ids per row, valid tokens or not): exactly what the unpacked batch,
-    one rollout per row of length T, divides by (T·B with B = S, empty rows included). So a packed
-    batch has the loss and gradient of its unpacked layout under every reduction.
+    one rollout per row of length T, divides by (T·B with B = S, empty rows included). Dividing
+    by T·(packed rows) instead would change the loss with how tightly the rows are packed. So a
+    packed batch has the loss and gradient of its unpacked layout under every reduction; a row
+    of padding only holds no segment and counts for nothing.
     A batch without any valid token gives exactly 0 with zero gradients.
 """
 
@@ -236,7 +238,8 @@ def value_loss(
     return _reduce(loss, valid, ids, reduction)
 
 
-value_loss.__doc__ = value_loss.__doc__.format(reductions=_REDUCTION_DOC)
+if value_loss.__doc__:  # None under python -OO
+    value_loss.__doc__ = value_loss.__doc__.format(reductions=_REDUCTION_DOC)
 
 
 def _clipped_values(values: jax.Array, old_values: jax.Array, clip_eps) -> jax.Array:
@@ -407,4 +410,5 @@ def hl_gauss_loss(
     return _reduce(loss, valid, ids, reduction)
 
 
-hl_gauss_loss.__doc__ = hl_gauss_loss.__doc__.format(reductions=_REDUCTION_DOC)
+if hl_gauss_loss.__doc__:  # None under python -OO
+    hl_gauss_loss.__doc__ = hl_gauss_loss.__doc__.format(reductions=_REDUCTION_DOC)
