@@ -5,15 +5,16 @@ import dataclasses
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from critic_jax import parallel
-from critic_jax.models import ActorCritic, Critic, ModelConfig, ValueHead
+from critic_jax.models import ActorCritic, Critic, HLGaussHead, ModelConfig, ValueHead
 from critic_jax.models.critic import shift_values
-from critic_jax.models.transformer import MLP, rope_frequencies
+from critic_jax.models.transformer import MLP, PRESETS, rope_frequencies, segment_layout
 
 VOCAB = 96
 B, T = 3, 10
@@ -61,6 +62,12 @@ def critic():
         (dict(value_head_init="ones"), "valid: zeros, normal"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps must be positive"),
         (dict(rope_scaling="llama3", rope_low_freq_factor=4.0), "rope_low_freq_factor"),
+        (dict(remat="some"), "valid: none, full, dots, attention-out"),
+        (dict(attention="flash"), "valid: auto, xla, xla-flash, cudnn, splash"),
+        (dict(value_head="gauss"), "valid: scalar, hl-gauss"),
+        (dict(value_head="hl-gauss", value_bins=1), "value_bins must be an integer >= 2"),
+        (dict(value_head="hl-gauss", value_min=1.0), "value_min must be below"),
+        (dict(preset="llama-70b"), "Unknown model.preset 'llama-70b'; valid: llama3-8b"),
     ],
 )
 def test_config_validation(changes, match):
@@ -72,6 +79,29 @@ def test_config_validation(changes, match):
 def test_tiny_config_allows_heads_times_head_dim_unequal_to_width():
     config = ModelConfig.tiny(vocab_size=17, d_model=32)
     assert (config.vocab_size, config.num_layers, config.num_heads * config.head_dim) == (17, 2, 64)
+
+
+def test_presets_and_single_field_overrides():
+    config = ModelConfig.from_preset("llama3.2-1b")
+    assert (config.vocab_size, config.d_model, config.num_layers, config.mlp_dim) == (
+        128256,
+        2048,
+        16,
+        8192,
+    )
+    assert (config.rope_scaling, config.rope_factor, config.tie_embeddings) == (
+        "llama3",
+        32.0,
+        True,
+    )
+    small = ModelConfig(preset="llama3.2-1b", num_layers=2, dtype="bfloat16")
+    assert (small.num_layers, small.d_model, small.dtype) == (2, 2048, "bfloat16")
+    # replace keeps what was resolved; the tiny model is the preset-less default.
+    assert dataclasses.replace(small, remat="full").num_layers == 2
+    assert ModelConfig() == ModelConfig.tiny()
+    for name, shape in PRESETS.items():
+        config = ModelConfig.from_preset(name)
+        assert {k: getattr(config, k) for k in shape} == shape, name
 
 
 def test_rope_frequencies():
@@ -177,10 +207,68 @@ def test_bad_inputs(critic):
         critic(_tokens(), np.ones((B, T - 1)))
 
 
+def test_segment_layout_positions_and_previous_tokens():
+    seg = np.array([[1, 1, 0, 1, 2, 2, 0, 3], [0, 0, 5, 5, 5, 0, 0, 0], [1, 2, 1, 2, 1, 2, 0, 0]])
+    positions, previous = segment_layout(jnp.asarray(seg), seg.shape)
+    np.testing.assert_array_equal(
+        positions, [[0, 1, 0, 2, 0, 1, 0, 0], [0, 0, 0, 1, 2, 0, 0, 0], [0, 0, 1, 1, 2, 2, 0, 0]]
+    )
+    # -1 at each segment's first token; padding points at the last real token before it.
+    np.testing.assert_array_equal(
+        previous,
+        [[-1, 0, 1, 1, -1, 4, 5, -1], [-1, -1, -1, 2, 3, 4, 4, 4], [-1, -1, 0, 1, 2, 3, 5, 5]],
+    )
+    scores = jnp.arange(1.0, 9.0)[None].repeat(3, 0)
+    np.testing.assert_array_equal(
+        shift_values(scores, segment_ids=seg)[0], [0, 1, 2, 2, 0, 5, 6, 0]
+    )
+    # An integer attention mask is read as segment ids.
+    np.testing.assert_array_equal(shift_values(scores, seg), shift_values(scores, segment_ids=seg))
+
+
+PACK_CONFIG = dataclasses.replace(CONFIG, num_layers=2, attention_block_size=4)
+LENGTHS = (5, 4, 5)
+
+
+def test_packed_row_equals_the_sequences_run_alone():
+    """One row packing 3 sequences (and 2 padding tokens) gives exactly the values, and the
+    gradients of a loss on them, of the 3 sequences run alone, right-padded to 8."""
+    graphdef, params = nnx.split(_random_model(Critic, PACK_CONFIG, seed=3), nnx.Param)
+    rng = np.random.default_rng(13)
+    seqs = [rng.integers(0, VOCAB, n).astype(np.int32) for n in LENGTHS]
+    weights = [rng.normal(size=n).astype(np.float32) for n in LENGTHS]
+    packed = np.concatenate([*seqs, [7, 7]])[None]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(LENGTHS)] + [[0, 0]])[None]
+    packed_w = np.concatenate([*weights, [0, 0]])[None]
+    alone = np.zeros((3, 8), np.int32)
+    alone_mask = np.zeros((3, 8), np.int32)
+    alone_w = np.zeros((3, 8), np.float32)
+    for i, (x, w) in enumerate(zip(seqs, weights, strict=True)):
+        alone[i, : len(x)], alone_mask[i, : len(x)], alone_w[i, : len(x)] = x, 1, w
+
+    def loss(params, tokens, weights, mask=None, segment_ids=None):
+        values = nnx.merge(graphdef, params)(tokens, mask, segment_ids=segment_ids)
+        return jnp.sum(weights * values**2), values
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (want_loss, want), want_grads = run(params, alone, alone_w, alone_mask)
+    (got_loss, got), got_grads = run(params, packed, packed_w, segment_ids=seg)
+    real = alone_mask.astype(bool)
+    np.testing.assert_allclose(got[0, :14], np.asarray(want)[real], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[0, [0, 5, 9]], 0.0)  # each sequence's start
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+    # The same packed row given as an integer attention mask of segment ids.
+    (_, again), _ = run(params, packed, packed_w, seg)
+    np.testing.assert_array_equal(again, got)
+
+
 # ----------------------------------------------------------------------------- numerics
 
 
 def test_bfloat16_compute_is_close_to_float32(critic):
+    """bf16 compute with float32 master weights: values close to float32's, and the final norm's
+    output and the value head are float32 (no bf16 rounding of the values)."""
     bf16 = nnx.eval_shape(
         lambda: Critic(dataclasses.replace(CONFIG, dtype="bfloat16"), rngs=nnx.Rngs(0))
     )
@@ -191,8 +279,25 @@ def test_bfloat16_compute_is_close_to_float32(critic):
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
     assert bf16.backbone.embed[...].dtype == jnp.float32
-    hidden = jax.eval_shape(lambda: bf16.backbone(tokens))
-    assert hidden.dtype == jnp.bfloat16
+    assert jax.eval_shape(lambda: bf16.backbone(tokens)).dtype == jnp.float32
+    graphdef, params = nnx.split(bf16, nnx.Param)
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params)
+    dots = _dot_generals(jaxpr.jaxpr)
+    head = [e for e in dots if e.invars[1].aval.shape == (CONFIG.d_model, 1)]
+    assert len(head) == 1 and {v.aval.dtype for v in head[0].invars} == {jnp.dtype("float32")}
+    # The block matmuls (inside the layer scan) run in bfloat16.
+    assert any(e.invars[0].aval.dtype == jnp.bfloat16 for e in dots)
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general equation of a jaxpr, nested scans and checkpoints included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out.extend(_dot_generals(sub))
+    return out
 
 
 def test_bfloat16_params():
@@ -202,9 +307,11 @@ def test_bfloat16_params():
     assert _apply(model, _tokens()).dtype == jnp.float32
 
 
-def test_remat_gives_the_same_gradients(critic):
+@pytest.mark.parametrize("remat", ["full", "dots", "attention-out", True])
+def test_remat_gives_the_same_gradients(critic, remat):
     graphdef, params = nnx.split(critic, nnx.Param)
-    remat_config = dataclasses.replace(CONFIG, remat=True)
+    remat_config = dataclasses.replace(CONFIG, remat=remat)
+    assert remat_config.remat == ("full" if remat is True else remat)
     remat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Critic(remat_config, rngs=nnx.Rngs(0))))
     tokens = _tokens(8)
 
@@ -216,6 +323,27 @@ def test_remat_gives_the_same_gradients(critic):
     got = grad(params, remat_graphdef)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(want["backbone"]["embed"][...]).max()) > 0
+
+
+def test_remat_model_under_lax_map():
+    """The trainer evaluates the model inside `lax.map` over micro-batches of the outer trace's
+    parameters; `nnx.remat` failed there ("Cannot mutate Param from a different trace level")."""
+    config = dataclasses.replace(CONFIG, remat="full")
+    graphdef, params = nnx.split(_random_model(Critic, config), nnx.Param)
+    tokens = _tokens(12, (2, B, T))
+
+    @jax.jit
+    def run(params):
+        def loss(params):
+            values = jax.lax.map(lambda x: nnx.merge(graphdef, params)(x), tokens)
+            return jnp.sum(values**2), values
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    grads, values = run(params)
+    plain = nnx.merge(graphdef, params)
+    np.testing.assert_allclose(values[1], _apply(plain, tokens[1]), rtol=1e-5, atol=1e-6)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize("block", [2, 5])
@@ -245,6 +373,73 @@ def test_block_causal_attention_equals_full_attention(critic, block):
     )
     assert np.all(np.isfinite(np.asarray(got_values)))
     chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- HL-Gauss head
+
+
+HL_CONFIG = dataclasses.replace(
+    CONFIG, value_head="hl-gauss", value_bins=7, value_min=-3.0, value_max=3.0
+)
+
+
+def test_hl_gauss_head_logits_and_expected_values():
+    critic = _random_model(Critic, HL_CONFIG, seed=5)
+    np.testing.assert_allclose(critic.support, np.linspace(-3, 3, 7))
+    assert critic.support.dtype == jnp.float32
+    np.testing.assert_allclose(critic.sigma, 0.75 * 1.0)
+    tokens = _tokens(14)
+    mask = np.ones((B, T), np.int32)
+    mask[1, :2] = 0
+    logits, values = nnx.jit(lambda m, x, a: m.logits_and_values(x, a))(critic, tokens, mask)
+    assert logits.shape == (B, T, 7) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(values, _apply(critic, tokens, mask), rtol=1e-6, atol=1e-6)
+    # Shifted like the values: position t holds the head's output at t's previous real token.
+    raw = nnx.jit(lambda m, x, a: m.head(m.backbone(x, a)))(critic, tokens, mask)
+    np.testing.assert_allclose(logits[0, 1:], raw[0, :-1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(logits[:, 0], 0.0)
+    np.testing.assert_array_equal(values[1, :3], 0.0)
+    expected = jax.nn.softmax(logits[:, 1:], axis=-1) @ critic.support
+    np.testing.assert_allclose(values[0, 1:], expected[0], rtol=1e-5, atol=1e-6)
+    # A zero-initialised head predicts uniform bins: the support's mean, 0 here.
+    critic.head = HLGaussHead(CONFIG.d_model, bins=7, init="zeros", rngs=nnx.Rngs(0))
+    assert critic.head.proj.kernel.shape == (CONFIG.d_model, 7)
+    np.testing.assert_allclose(_apply(critic, tokens), 0.0, atol=1e-6)
+
+
+def test_logits_and_values_needs_the_hl_gauss_head(critic):
+    with pytest.raises(ValueError, match="value_head='hl-gauss'. Received: 'scalar'"):
+        critic.logits_and_values(_tokens())
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+def test_layers_are_one_scanned_block():
+    """The lowered program holds one block whatever the depth, and the scan equals applying the
+    layers one by one."""
+    sizes = {}
+    for layers in (2, 8):
+        config = dataclasses.replace(CONFIG, num_layers=layers, remat="full")
+        abstract = nnx.eval_shape(lambda c=config: Critic(c, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(abstract, nnx.Param)
+        grad = jax.grad(lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(_tokens())))
+        sizes[layers] = len(jax.jit(grad).lower(params).as_text())
+    assert sizes[8] < 1.05 * sizes[2], sizes
+
+    model = _random_model(Critic, PACK_CONFIG, seed=4)
+    tokens = _tokens(15)
+    bb = model.backbone
+    graphdef, stacked = nnx.split(bb.layers)
+    h = jnp.take(bb.embed[...], tokens, axis=0)
+    angles = jnp.arange(T)[None, :, None] * rope_frequencies(PACK_CONFIG)
+    angles = jnp.broadcast_to(angles, (B, T, angles.shape[-1]))
+    for i in range(PACK_CONFIG.num_layers):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
+        h = layer(h, jnp.cos(angles), jnp.sin(angles), jnp.ones((B, T), jnp.int32))
+    want = model.head(bb.norm(h))
+    got = nnx.jit(lambda m, x: m.head(m.backbone(x)))(model, tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- actor-critic
@@ -297,16 +492,26 @@ def test_sharded_construction_places_parameters_by_the_rule_table():
 
     d, v, f = config.d_model, config.vocab_size, config.mlp_dim
     n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
-    block = params["backbone"]["layers"][0]
+    layers = config.num_layers
+    block = params["backbone"]["layers"]
     expected = {
         "embed [vocab/tensor, embed/fsdp]": (params["backbone"]["embed"], (v // 2, d // 4)),
-        "q [embed/fsdp, heads/tensor, head_dim]": (block["attn"]["q"], (d // 4, n // 2, h)),
-        "k [embed/fsdp, kv_heads/tensor, head_dim]": (block["attn"]["k"], (d // 4, k // 2, h)),
-        "q_bias [heads/tensor, head_dim]": (block["attn"]["q_bias"], (n // 2, h)),
-        "o [heads/tensor, head_dim, embed/fsdp]": (block["attn"]["o"], (n // 2, h, d // 4)),
-        "gate [embed/fsdp, mlp/tensor]": (block["mlp"]["gate"], (d // 4, f // 2)),
-        "down [mlp/tensor, embed/fsdp]": (block["mlp"]["down"], (f // 2, d // 4)),
-        "norm [norm]": (block["attn_norm"]["scale"], (d,)),
+        "q [layers, embed/fsdp, heads/tensor, head_dim]": (
+            block["attn"]["q"],
+            (layers, d // 4, n // 2, h),
+        ),
+        "k [layers, embed/fsdp, kv_heads/tensor, head_dim]": (
+            block["attn"]["k"],
+            (layers, d // 4, k // 2, h),
+        ),
+        "q_bias [layers, heads/tensor, head_dim]": (block["attn"]["q_bias"], (layers, n // 2, h)),
+        "o [layers, heads/tensor, head_dim, embed/fsdp]": (
+            block["attn"]["o"],
+            (layers, n // 2, h, d // 4),
+        ),
+        "gate [layers, embed/fsdp, mlp/tensor]": (block["mlp"]["gate"], (layers, d // 4, f // 2)),
+        "down [layers, mlp/tensor, embed/fsdp]": (block["mlp"]["down"], (layers, f // 2, d // 4)),
+        "norm [layers, norm]": (block["attn_norm"]["scale"], (layers, d)),
         "value head [embed/fsdp, 1]": (params["head"]["proj"]["kernel"], (d // 4, 1)),
     }
     for name, (var, shape) in expected.items():

@@ -8,20 +8,27 @@ The architecture in `config.json` picks what is loaded:
 - `...ForTokenClassification` (a critic, as verl saves them): trunk and `score` with its bias;
 - `...ForCausalLM` (the actor / SFT model): trunk; the value head starts fresh.
 
-Export (`critic_to_hf`) writes a `...ForTokenClassification` checkpoint with one label, which
-`transformers.AutoModelForTokenClassification` loads. Its logits are the head's *unshifted*
-output: HF `logits[:, t - 1, 0]` is our `values[:, t]` (HF position t-1 sees tokens[:, :t]).
+Export (`critic_to_hf`) writes a `...ForTokenClassification` checkpoint, which
+`transformers.AutoModelForTokenClassification` loads: one label for the scalar head, `value_bins`
+labels for the HL-Gauss head (its support is stored under the `critic_jax` key of `config.json`).
+Its logits are the head's *unshifted* output: HF `logits[:, t - 1]` is our `values[:, t]`'s
+(HF position t-1 sees tokens[:, :t]).
 
 Parameters are converted, never re-laid-out in memory beyond a transpose/reshape:
-HF `q_proj.weight` [N*H, D] is our `q` [D, N, H]; `o_proj.weight` [D, N*H] our `o` [N, H, D];
-MLP and head weights are transposed. HF's q/k weights already use the half-split rotary layout
-that `transformer._rotate` uses.
+HF `model.layers.{i}.self_attn.q_proj.weight` [N*H, D] is layer i of our stacked `q` [L, D, N, H];
+`o_proj.weight` [D, N*H] our `o` [L, N, H, D]; MLP and head weights are transposed. HF's q/k
+weights already use the half-split rotary layout that `transformer._rotate` uses.
+
+Loading onto a mesh (`shardings=`) builds every parameter with `jax.make_array_from_callback`:
+each device's slice is read from the file by byte range (rows of the HF tensor) and converted,
+so the host never holds the whole model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import struct
@@ -35,27 +42,34 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from critic_jax.models.critic import ActorCritic, Critic, ValueHead
+from critic_jax.models.critic import ActorCritic, Critic, make_value_head
 from critic_jax.models.transformer import ModelConfig
 
 FAMILIES = {"Llama": "llama", "Qwen2": "qwen2"}
 HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
 SUPPORTED_ARCHITECTURES = tuple(f + h for f in FAMILIES for h in HEADS)
 _ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+# The key of config.json under which an export records what HF has no field for.
+_OWN_KEY = "critic_jax"
+_VALUE_HEAD_FIELDS = ("value_head", "value_bins", "value_min", "value_max", "value_sigma_ratio")
 # Stored by some older checkpoints; recomputed from the config here.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": jnp.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
+# Weights must be floating point: integer tensors are quantised weights (or not weights at all),
+# and casting them to float would silently give a different model.
+_FLOAT_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(jnp.bfloat16),
 }
+Shardings = Any  # a pytree of jax.sharding.Sharding like nnx.state(model, nnx.Param)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -82,19 +96,43 @@ def _rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
-def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face Llama / Qwen2 `config.json` (as a dict).
+def _read_config_json(source: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        hf_config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"Cannot read {path}: {e}. Received: {str(source)!r}") from e
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path} does not hold a JSON object. Received: {type(hf_config)}")
+    return hf_config, path
+
+
+def config_from_hf(hf_config: dict[str, Any] | str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face Llama / Qwen2 `config.json`.
 
     Args:
-      hf_config: the parsed `config.json`.
-      **overrides: `ModelConfig` fields to set instead (e.g. `dtype="bfloat16"`, `remat=True`).
+      hf_config: the parsed `config.json`, its path, or the checkpoint directory holding it.
+      **overrides: `ModelConfig` fields to set instead (e.g. `dtype="bfloat16"`, `remat="full"`).
         `dtype` and `param_dtype` default to "float32" whatever the checkpoint's dtype.
 
     Raises:
-      ValueError: on an unsupported architecture, rope type, activation or attention variant
-        (Llama `attention_bias` / `mlp_bias`, Qwen2 sliding windows).
+      ValueError: on an unreadable file, a missing key (named, with the file), an unsupported
+        architecture, rope type, activation or attention variant (Llama `attention_bias` /
+        `mlp_bias`, Qwen2 sliding windows).
     """
+    where = "config.json"
+    if not isinstance(hf_config, dict):
+        hf_config, path = _read_config_json(hf_config)
+        where = str(path)
     family, _ = _split_architecture(hf_config)
+    for key in _REQUIRED_KEYS:
+        if key not in hf_config:
+            raise ValueError(
+                f"{where} has no {key!r}, which a {family} config needs. "
+                f"Received: keys {sorted(hf_config)}"
+            )
     rope = _rope_parameters(hf_config)
     if rope["rope_type"] not in _ROPE_TYPES:
         raise ValueError(
@@ -135,11 +173,18 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
         init_std=float(hf_config.get("initializer_range", 0.02)),
     )
     if scaling == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in rope:
+                raise ValueError(
+                    f"{where}: the llama3 rope scaling has no {key!r}. Received: {rope}"
+                )
         fields.update(
             rope_low_freq_factor=float(rope["low_freq_factor"]),
             rope_high_freq_factor=float(rope["high_freq_factor"]),
             rope_original_max_position=int(rope["original_max_position_embeddings"]),
         )
+    own = hf_config.get(_OWN_KEY) or {}
+    fields.update({k: own[k] for k in _VALUE_HEAD_FIELDS if k in own})
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -161,6 +206,7 @@ def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
                 original_max_position_embeddings=c.rope_original_max_position,
             )
             max_position = int(c.rope_original_max_position * c.rope_factor)
+    labels = c.value_bins if c.value_head == "hl-gauss" else 1
     out: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": FAMILIES[family],
@@ -178,14 +224,17 @@ def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
         "rope_scaling": None if c.rope_scaling == "none" else rope,
         "rope_parameters": {**rope, "rope_theta": c.rope_theta},
         "tie_word_embeddings": c.tie_embeddings,
-        "id2label": {"0": "LABEL_0"},
-        "label2id": {"LABEL_0": 0},
+        "id2label": {str(i): f"LABEL_{i}" for i in range(labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(labels)},
         "torch_dtype": c.param_dtype,
         "dtype": c.param_dtype,
         "attention_dropout": 0.0,
         "initializer_range": c.init_std,
         "use_cache": False,
     }
+    if c.value_head == "hl-gauss":
+        out[_OWN_KEY] = {k: getattr(c, k) for k in _VALUE_HEAD_FIELDS}
+        out[_OWN_KEY]["value_support"] = [float(x) for x in c.value_support]
     if family == "Llama":
         out.update(attention_bias=False, mlp_bias=False)
     else:
@@ -201,42 +250,124 @@ def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- safetensors
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as read-only numpy arrays (memory-mapped).
+class _SafetensorsFile:
+    """The header of one .safetensors file, validated, and reads of row ranges of its tensors.
 
     The format is read directly (an 8-byte header length, a JSON header, raw little-endian data)
-    so that bfloat16 checkpoints load too.
+    so that bfloat16 tensors load too (safetensors' numpy reader has no bfloat16). A read takes
+    the bytes of the requested rows only (`os.pread`, no memory map), so a device's slice costs
+    host memory for that slice's rows, not for the file.
     """
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError(f"it has {size} bytes, fewer than the 8-byte header length")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > size - 8:
+                    raise ValueError(f"its header length {header_len} exceeds the file")
+                header = json.loads(f.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
             raise ValueError(
-                f"Tensor {name!r} in {path} has unsupported dtype {info['dtype']}; supported: "
-                f"{', '.join(_SAFETENSORS_DTYPES)}. Received: {info['dtype']}"
+                f"Cannot read safetensors file {path}: {e} (empty, truncated or not "
+                f"safetensors). Received: {path}"
+            ) from e
+        if not isinstance(header, dict):
+            raise ValueError(f"Corrupt safetensors header in {path}. Received: {type(header)}")
+        self.data_offset = 8 + header_len
+        data_size = size - self.data_offset
+        self.tensors: dict[str, dict[str, Any]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if end > data_size:
+                raise ValueError(
+                    f"Safetensors file {path} is truncated: tensor {name!r} ends at byte {end} "
+                    f"of the data, which has {data_size}. Received: {size} bytes"
+                )
+            self.tensors[name] = info
+
+    def dtype(self, name: str) -> np.dtype:
+        """The numpy dtype of a floating-point tensor.
+
+        Raises:
+          ValueError: naming the tensor, for integer (quantised) or unknown dtypes.
+        """
+        stored = self.tensors[name]["dtype"]
+        if stored not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"Tensor {name!r} in {self.path} has dtype {stored}: only floating-point "
+                f"weights ({', '.join(_FLOAT_DTYPES)}) are loaded; integer or quantised "
+                f"checkpoints are refused rather than cast. Received: {stored}"
             )
+        return _FLOAT_DTYPES[stored]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """float32 `tensor[index]` (one slice per axis, step 1), rejecting NaN and inf.
+
+        Raises:
+          ValueError: naming the tensor and file, on non-finite values.
+        """
+        info = self.tensors[name]
+        dtype = self.dtype(name)
+        shape = self.shape(name)
         begin, end = info["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        out[name] = data[begin:end].view(dtype).reshape(info["shape"])
-    return out
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(
+                f"Tensor {name!r} in {self.path} has {end - begin} bytes, not the "
+                f"{math.prod(shape) * dtype.itemsize} of {info['dtype']}{list(shape)}. "
+                f"Received: data_offsets={info['data_offsets']}"
+            )
+        if not shape:
+            rows = slice(0, 1)
+            row_shape: tuple[int, ...] = ()
+        else:
+            rows = slice(*index[0].indices(shape[0])[:2]) if index else slice(0, shape[0])
+            row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        count = max(rows.stop - rows.start, 0)
+        with open(self.path, "rb") as f:
+            raw = os.pread(
+                f.fileno(), count * row_bytes, self.data_offset + begin + rows.start * row_bytes
+            )
+        x = np.frombuffer(raw, dtype).reshape((count, *row_shape) if shape else ())
+        if shape and index:
+            x = x[(slice(None), *index[1:])]
+        x = np.asarray(x, np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"Tensor {name!r} in {self.path} holds NaN or inf values; a checkpoint to "
+                f"start from must be finite. Received: {int((~np.isfinite(x)).sum())} "
+                "non-finite values"
+            )
+        return x
 
 
-def _read_checkpoint(path: Path) -> dict[str, np.ndarray]:
+def _open_checkpoint(path: Path) -> dict[str, _SafetensorsFile]:
+    """Tensor name -> the file holding it, for one file or a sharded index."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors: dict[str, np.ndarray] = {}
-        for name in files:
-            tensors.update(_read_safetensors(path / name))
-        return tensors
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"Cannot read {index}: {e!r}. Received: {index}") from e
+        files = {name: _SafetensorsFile(path / name) for name in sorted(set(weight_map.values()))}
+        out = {}
+        for file in files.values():
+            out.update({name: file for name in file.tensors})
+        return out
     single = path / "model.safetensors"
     if single.exists():
-        return _read_safetensors(single)
+        file = _SafetensorsFile(single)
+        return {name: file for name in file.tensors}
     raise ValueError(
         f"No model.safetensors or model.safetensors.index.json in {path} (pickled .bin "
         f"checkpoints are not read). Received: {sorted(os.listdir(path))}"
@@ -248,127 +379,205 @@ def _read_checkpoint(path: Path) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    """One HF tensor and the parameter it maps to: `ours = to_ours(hf)`, `hf = to_hf(ours)`."""
+    """One HF tensor and the parameter (or one layer of it) it maps to.
 
-    var: nnx.Variable
-    hf_shape: tuple[int, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    `ours = hf.reshape(view).transpose(perm)`: `view` splits merged HF axes (N*H -> N, H), HF
+    axis j is made of the view axes `groups[j]`, and our axis i is view axis `perm[i]`.
+    """
 
+    key: tuple[str, ...]  # the parameter's path in nnx.state(model, nnx.Param)
+    layer: int | None  # index on the stacked "layers" axis, None for unstacked parameters
+    view: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    perm: tuple[int, ...]
 
-def _same(x: np.ndarray) -> np.ndarray:
-    return x
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(self.view[a] for a in g) for g in self.groups)
 
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        return ours.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
-def _in_proj(var: nnx.Variable) -> _Entry:
-    """[heads*H, D] (HF) <-> [D, heads, H] (ours)."""
-    d, n, h = var.shape
-    return _Entry(var, (n * h, d), lambda x: x.T.reshape(d, n, h), lambda x: x.reshape(d, n * h).T)
-
-
-def _in_bias(var: nnx.Variable) -> _Entry:
-    n, h = var.shape
-    return _Entry(var, (n * h,), lambda x: x.reshape(n, h), lambda x: x.reshape(n * h))
-
-
-def _out_proj(var: nnx.Variable) -> _Entry:
-    """[D, N*H] (HF) <-> [N, H, D] (ours)."""
-    n, h, d = var.shape
-    return _Entry(var, (d, n * h), lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T)
-
-
-def _matrix(var: nnx.Variable) -> _Entry:
-    """nn.Linear weight [out, in] (HF) <-> kernel [in, out] (ours)."""
-    return _Entry(var, tuple(var.shape[::-1]), _transpose, _transpose)
-
-
-def _vector(var: nnx.Variable) -> _Entry:
-    return _Entry(var, tuple(var.shape), _same, _same)
+    def read(self, file: _SafetensorsFile, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """float32 `ours[index]` of this layer, reading only the HF rows that slice needs."""
+        view_index = [slice(0, n) for n in self.view]
+        for i, s in enumerate(index):
+            view_index[self.perm[i]] = slice(*s.indices(self.view[self.perm[i]])[:2])
+        # Each HF axis: the outer view axis's range; inner axes read whole, sliced afterwards.
+        hf_index, block, inner = [], [], [slice(None)] * len(self.view)
+        for group in self.groups:
+            outer, size = view_index[group[0]], math.prod(self.view[a] for a in group[1:])
+            hf_index.append(slice(outer.start * size, outer.stop * size))
+            block.append(outer.stop - outer.start)
+            for a in group[1:]:
+                block.append(self.view[a])
+                inner[a] = view_index[a]
+        x = file.read(name, tuple(hf_index)).reshape(block)
+        return x[tuple(inner)].transpose(self.perm)
 
 
-def _backbone_entries(model: Critic | ActorCritic) -> dict[str, _Entry]:
-    bb = model.backbone
+def _entry(key, layer, view, groups, perm) -> _Entry:
+    return _Entry(tuple(key), layer, tuple(view), tuple(groups), tuple(perm))
+
+
+def _backbone_entries(config: ModelConfig) -> dict[str, _Entry]:
+    c = config
+    d, f = c.d_model, c.mlp_dim
+    n, g, h = c.num_heads, c.num_kv_heads, c.head_dim
     out = {
-        "model.embed_tokens.weight": _vector(bb.embed),
-        "model.norm.weight": _vector(bb.norm.scale),
+        "model.embed_tokens.weight": _entry(
+            ("backbone", "embed"), None, (c.vocab_size, d), ((0,), (1,)), (0, 1)
+        ),
+        "model.norm.weight": _entry(("backbone", "norm", "scale"), None, (d,), ((0,),), (0,)),
     }
-    for i, block in enumerate(bb.layers):
+    for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        attn, mlp = block.attn, block.mlp
-        out[p + "input_layernorm.weight"] = _vector(block.attn_norm.scale)
-        out[p + "post_attention_layernorm.weight"] = _vector(block.mlp_norm.scale)
-        out[p + "self_attn.q_proj.weight"] = _in_proj(attn.q)
-        out[p + "self_attn.k_proj.weight"] = _in_proj(attn.k)
-        out[p + "self_attn.v_proj.weight"] = _in_proj(attn.v)
-        out[p + "self_attn.o_proj.weight"] = _out_proj(attn.o)
-        if model.config.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = _in_bias(attn.q_bias)
-            out[p + "self_attn.k_proj.bias"] = _in_bias(attn.k_bias)
-            out[p + "self_attn.v_proj.bias"] = _in_bias(attn.v_bias)
-        out[p + "mlp.gate_proj.weight"] = _matrix(mlp.gate)
-        out[p + "mlp.up_proj.weight"] = _matrix(mlp.up)
-        out[p + "mlp.down_proj.weight"] = _matrix(mlp.down)
+
+        def add(name, key, view, groups, perm, i=i, p=p):
+            out[p + name] = _entry(("backbone", "layers", *key), i, view, groups, perm)
+
+        add("input_layernorm.weight", ("attn_norm", "scale"), (d,), ((0,),), (0,))
+        add("post_attention_layernorm.weight", ("mlp_norm", "scale"), (d,), ((0,),), (0,))
+        # [heads*H, D] (HF) <-> [D, heads, H] (ours).
+        add("self_attn.q_proj.weight", ("attn", "q"), (n, h, d), ((0, 1), (2,)), (2, 0, 1))
+        add("self_attn.k_proj.weight", ("attn", "k"), (g, h, d), ((0, 1), (2,)), (2, 0, 1))
+        add("self_attn.v_proj.weight", ("attn", "v"), (g, h, d), ((0, 1), (2,)), (2, 0, 1))
+        # [D, N*H] (HF) <-> [N, H, D] (ours).
+        add("self_attn.o_proj.weight", ("attn", "o"), (d, n, h), ((0,), (1, 2)), (1, 2, 0))
+        if c.qkv_bias:
+            add("self_attn.q_proj.bias", ("attn", "q_bias"), (n, h), ((0, 1),), (0, 1))
+            add("self_attn.k_proj.bias", ("attn", "k_bias"), (g, h), ((0, 1),), (0, 1))
+            add("self_attn.v_proj.bias", ("attn", "v_bias"), (g, h), ((0, 1),), (0, 1))
+        # nn.Linear weight [out, in] (HF) <-> kernel [in, out] (ours).
+        add("mlp.gate_proj.weight", ("mlp", "gate"), (f, d), ((0,), (1,)), (1, 0))
+        add("mlp.up_proj.weight", ("mlp", "up"), (f, d), ((0,), (1,)), (1, 0))
+        add("mlp.down_proj.weight", ("mlp", "down"), (d, f), ((0,), (1,)), (1, 0))
     return out
 
 
-def _load_entries(
-    tensors: dict[str, np.ndarray],
+def _score_entries(config: ModelConfig, *, bias: bool) -> dict[str, _Entry]:
+    k = config.value_bins if config.value_head == "hl-gauss" else 1
+    out = {
+        "score.weight": _entry(
+            ("head", "proj", "kernel"), None, (k, config.d_model), ((0,), (1,)), (1, 0)
+        )
+    }
+    if bias:
+        out["score.bias"] = _entry(("head", "proj", "bias"), None, (k,), ((0,),), (0,))
+    return out
+
+
+def _lm_head_entry(config: ModelConfig) -> _Entry:
+    return _entry(("lm_head",), None, (config.vocab_size, config.d_model), ((0,), (1,)), (1, 0))
+
+
+def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        out.append(str(name))
+    return tuple(out)
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    return {_path_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _load_into(
+    model: Critic | ActorCritic,
+    path: Path,
     entries: dict[str, _Entry],
+    fixed: dict[tuple[str, ...], np.ndarray],
     *,
     ignore: set[str],
-    where: Path,
+    shardings: Shardings | Callable[[Any], Shardings] | None,
 ) -> None:
-    missing = sorted(set(entries) - set(tensors))
+    """Sets every parameter of the abstract `model`: from the file through `entries`, or from
+    `fixed` (fresh heads); placed by `shardings` when given, each device reading its slice."""
+    files = _open_checkpoint(path)
+    missing = sorted(set(entries) - set(files))
     if missing:
         raise ValueError(
-            f"Missing tensors in {where}: {', '.join(missing[:8])}"
-            f"{' ...' if len(missing) > 8 else ''}. Received: {len(tensors)} tensors"
+            f"Missing tensors in {path}: {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}. Received: {len(files)} tensors"
         )
     unexpected = sorted(
-        n for n in tensors if n not in entries and n not in ignore and not _IGNORED.match(n)
+        n for n in files if n not in entries and n not in ignore and not _IGNORED.match(n)
     )
     if unexpected:
         raise ValueError(
-            f"Unexpected tensors in {where}: {', '.join(unexpected[:8])}"
-            f"{' ...' if len(unexpected) > 8 else ''}. Received: {len(tensors)} tensors"
+            f"Unexpected tensors in {path}: {', '.join(unexpected[:8])}"
+            f"{' ...' if len(unexpected) > 8 else ''}. Received: {len(files)} tensors"
         )
+    by_key: dict[tuple[str, ...], dict[int | None, tuple[str, _Entry]]] = {}
     for name, entry in entries.items():
-        x = tensors[name]
-        if tuple(x.shape) != entry.hf_shape:
+        files[name].dtype(name)  # Refuse integer weights before reading anything.
+        shape = files[name].shape(name)
+        if shape != entry.hf_shape:
             raise ValueError(
                 f"Shape mismatch for tensor {name!r}: expected {entry.hf_shape} from config.json, "
-                f"got {tuple(x.shape)}. Received: {tuple(x.shape)}"
+                f"got {shape}. Received: {shape}"
             )
-        dtype = entry.var.dtype
-        entry.var.set_value(jnp.asarray(entry.to_ours(np.asarray(x, np.float32)), dtype))
+        by_key.setdefault(entry.key, {})[entry.layer] = (name, entry)
+
+    abstract = nnx.state(model, nnx.Param)
+    if callable(shardings):
+        shardings = shardings(abstract)
+    placement = _flat(shardings) if shardings is not None else {}
+
+    def build(key: tuple[str, ...], like: jax.ShapeDtypeStruct) -> jax.Array:
+        if key in fixed:
+            value = np.asarray(fixed[key], like.dtype)
+            return jax.device_put(value, placement[key]) if placement else jnp.asarray(value)
+        layers = by_key[key]
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            if None in layers:
+                name, entry = layers[None]
+                return entry.read(files[name], name, index).astype(like.dtype)
+            first, stop, _ = index[0].indices(like.shape[0])
+            parts = []
+            for i in range(first, stop):
+                name, entry = layers[i]
+                parts.append(entry.read(files[name], name, index[1:]))
+            return np.stack(parts).astype(like.dtype)
+
+        if placement:
+            return jax.make_array_from_callback(like.shape, placement[key], read)
+        return jnp.asarray(read(tuple(slice(0, n) for n in like.shape)))
+
+    values = jax.tree_util.tree_map_with_path(lambda p, x: build(_path_key(p), x), abstract)
+    nnx.update(model, values)
 
 
 def _prepare(path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Path, ModelConfig, str]:
     path = Path(path)
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config, config_path = _read_config_json(path)
     _, head = _split_architecture(hf_config)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    config = config_from_hf(hf_config, **overrides)
+    config = config_from_hf(config_path, **overrides)
     if head != "ForCausalLM":
         num_labels = len(hf_config["id2label"]) if "id2label" in hf_config else None
         num_labels = hf_config.get("num_labels", num_labels)
-        if num_labels != 1:
+        want = config.value_bins if config.value_head == "hl-gauss" else 1
+        if num_labels != want:
             raise ValueError(
-                f"A critic needs a one-label {head[3:]} head (num_labels=1). "
-                f"Received: num_labels={num_labels}"
+                f"A critic with the {config.value_head} value head needs a {head[3:]} head "
+                f"with num_labels={want}. Received: num_labels={num_labels}"
+            )
+        if head == "ForSequenceClassification" and config.value_head != "scalar":
+            raise ValueError(
+                "A reward model's score head loads into the scalar value head only. "
+                f"Received: value_head={config.value_head!r}"
             )
     return path, config, head
 
 
-def _fresh_head(config: ModelConfig, rngs: nnx.Rngs | None) -> ValueHead:
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    return ValueHead(
-        config.d_model, init=config.value_head_init, param_dtype=config.param_dtype, rngs=rngs
-    )
+def _fresh_head(config: ModelConfig, rngs: nnx.Rngs | None) -> dict[tuple[str, ...], np.ndarray]:
+    head = make_value_head(config, rngs if rngs is not None else nnx.Rngs(0))
+    return {("head", *k): np.asarray(v) for k, v in _flat(nnx.state(head, nnx.Param)).items()}
 
 
 def critic_from_hf(
@@ -376,51 +585,65 @@ def critic_from_hf(
     *,
     dtype: str | None = None,
     param_dtype: str | None = None,
-    remat: bool | None = None,
+    remat: str | bool | None = None,
     value_head_init: str | None = None,
     rngs: nnx.Rngs | None = None,
+    shardings: Shardings | Callable[[Any], Shardings] | None = None,
+    **model_overrides: Any,
 ) -> Critic:
     """A `Critic` from a Hugging Face Llama / Qwen2 checkpoint directory.
 
     `...ForSequenceClassification` (reward model): trunk and `score` (no bias; ours is set to 0).
-    `...ForTokenClassification`: trunk and `score` with its bias. `...ForCausalLM`: trunk, a
-    fresh head (`value_head_init`, zeros by default) and `lm_head.weight` ignored.
+    `...ForTokenClassification`: trunk and `score` with its bias (one label, or `value_bins`
+    labels for an exported HL-Gauss critic). `...ForCausalLM`: trunk, a fresh head
+    (`value_head_init`, zeros by default) and `lm_head.weight` ignored.
 
     Args:
       path: directory with `config.json` and `model.safetensors` (or a sharded index).
       dtype: compute dtype ("float32", "bfloat16", "float16"); default "float32".
       param_dtype: parameter dtype; default "float32" whatever the checkpoint stores.
-      remat: rematerialise each block in the backward pass.
+      remat: the remat policy (see `ModelConfig.remat`).
       value_head_init: "zeros" or "normal", for a fresh head (causal-LM checkpoints).
       rngs: seeds a "normal" fresh head; default `nnx.Rngs(0)`.
+      shardings: None (parameters on the default device), or the parameters' shardings: a
+        pytree like `nnx.state(critic, nnx.Param)` or a function of the abstract parameters
+        returning one (e.g. `lambda p: parallel.state_shardings(p, mesh)`). Each device then
+        reads only its slice of each tensor from the file.
+      **model_overrides: other `ModelConfig` fields (e.g. `attention="xla"`,
+        `value_head="hl-gauss"` for a fresh head on a causal LM).
 
     Returns:
-      The critic, its parameters as (unsharded) `jax.Array`s. Place them on a mesh with
-      `jax.device_put(nnx.state(critic, nnx.Param), parallel.state_shardings(...))`.
+      The critic.
 
     Raises:
-      ValueError: on an unsupported architecture or rope type, `num_labels != 1`, missing or
-        unexpected tensors, or a tensor whose shape disagrees with `config.json`.
+      ValueError: on an unsupported architecture or rope type, an unreadable or incomplete
+        `config.json`, the wrong `num_labels`, missing or unexpected tensors, a tensor whose
+        shape disagrees with `config.json`, integer / quantised or non-finite weights, or an
+        empty or truncated safetensors file.
     """
     path, config, head = _prepare(
         path,
-        dict(dtype=dtype, param_dtype=param_dtype, remat=remat, value_head_init=value_head_init),
+        dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            value_head_init=value_head_init,
+            **model_overrides,
+        ),
     )
     # Shapes and metadata only: every parameter is then set from the file, nothing initialised.
     critic = nnx.eval_shape(lambda: Critic(config, rngs=nnx.Rngs(0)))
-    entries = _backbone_entries(critic)
+    entries = _backbone_entries(config)
     ignore: set[str] = set()
+    fixed: dict[tuple[str, ...], np.ndarray] = {}
     if head == "ForCausalLM":
         ignore.add("lm_head.weight")
-        critic.head = _fresh_head(config, rngs)
+        fixed = _fresh_head(config, rngs)
     else:
-        entries["score.weight"] = _matrix(critic.head.proj.kernel)
-        if head == "ForTokenClassification":
-            entries["score.bias"] = _vector(critic.head.proj.bias)
-        else:
-            bias = critic.head.proj.bias
-            bias.set_value(jnp.zeros(bias.shape, bias.dtype))
-    _load_entries(_read_checkpoint(path), entries, ignore=ignore, where=path)
+        entries.update(_score_entries(config, bias=head == "ForTokenClassification"))
+        if head == "ForSequenceClassification":
+            fixed[("head", "proj", "bias")] = np.zeros((1,), np.float32)
+    _load_into(critic, path, entries, fixed, ignore=ignore, shardings=shardings)
     return critic
 
 
@@ -429,10 +652,12 @@ def actor_critic_from_hf(
     *,
     dtype: str | None = None,
     param_dtype: str | None = None,
-    remat: bool | None = None,
+    remat: str | bool | None = None,
     value_head_init: str | None = None,
     stop_value_grad: bool = False,
     rngs: nnx.Rngs | None = None,
+    shardings: Shardings | Callable[[Any], Shardings] | None = None,
+    **model_overrides: Any,
 ) -> ActorCritic:
     """An `ActorCritic` from a Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` checkpoint:
     trunk and LM head (tied or not) from the file, a fresh value head.
@@ -444,7 +669,13 @@ def actor_critic_from_hf(
     """
     path, config, head = _prepare(
         path,
-        dict(dtype=dtype, param_dtype=param_dtype, remat=remat, value_head_init=value_head_init),
+        dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            value_head_init=value_head_init,
+            **model_overrides,
+        ),
     )
     if head != "ForCausalLM":
         raise ValueError(
@@ -454,27 +685,28 @@ def actor_critic_from_hf(
     model = nnx.eval_shape(
         lambda: ActorCritic(config, rngs=nnx.Rngs(0), stop_value_grad=stop_value_grad)
     )
-    model.head = _fresh_head(config, rngs)
-    entries = _backbone_entries(model)
+    entries = _backbone_entries(config)
     ignore: set[str] = set()
     if config.tie_embeddings:
         ignore.add("lm_head.weight")  # Some tied checkpoints store the copy as well.
     else:
-        entries["lm_head.weight"] = _matrix(model.lm_head)
-    _load_entries(_read_checkpoint(path), entries, ignore=ignore, where=path)
+        entries["lm_head.weight"] = _lm_head_entry(config)
+    _load_into(model, path, entries, _fresh_head(config, rngs), ignore=ignore, shardings=shardings)
     return model
 
 
 def critic_to_hf(
     critic: Critic, path: str | os.PathLike, *, architecture: str | None = None
 ) -> None:
-    """Writes `critic` as a one-label Hugging Face `...ForTokenClassification` checkpoint.
+    """Writes `critic` as a Hugging Face `...ForTokenClassification` checkpoint.
 
     `path` receives `config.json` and `model.safetensors` (parameters in their own dtype).
-    `transformers.AutoModelForTokenClassification.from_pretrained(path)(ids).logits[:, t, 0]` is
-    the head's unshifted output at position t, i.e. our `values[:, t + 1]` for an unpadded row
+    `transformers.AutoModelForTokenClassification.from_pretrained(path)(ids).logits[:, t]` is
+    the head's unshifted output at position t: for the scalar head (one label) our
+    `values[:, t + 1]` for an unpadded row; for the HL-Gauss head (`value_bins` labels, support
+    stored under `config.json`'s "critic_jax" key) the logits whose softmax expectation that is.
     (HF positions come from `arange`, ours from the mask: pass `position_ids` to HF for padded
-    rows). `critic_from_hf(path)` gives back the same parameters and config.
+    rows.) `critic_from_hf(path)` gives back the same parameters and config.
 
     Args:
       critic: the critic to write.
@@ -501,12 +733,13 @@ def critic_to_hf(
             "A critic with q/k/v bias exports as Qwen2ForTokenClassification, not Llama. "
             f"Received: architecture={architecture!r}, qkv_bias=True"
         )
-    entries = _backbone_entries(critic)
-    entries["score.weight"] = _matrix(critic.head.proj.kernel)
-    entries["score.bias"] = _vector(critic.head.proj.bias)
+    entries = {**_backbone_entries(config), **_score_entries(config, bias=True)}
+    params = {
+        k: np.asarray(jax.device_get(v)) for k, v in _flat(nnx.state(critic, nnx.Param)).items()
+    }
     tensors = {}
     for name, entry in entries.items():
-        x = np.asarray(jax.device_get(entry.var[...]))
+        x = params[entry.key] if entry.layer is None else params[entry.key][entry.layer]
         tensors[name] = np.ascontiguousarray(entry.to_hf(x))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
