@@ -120,6 +120,54 @@ def test_block_sizes_with_and_without_jit(implementation, block_size, use_jit):
     np.testing.assert_allclose(out, reference_attention(q, k, v, seg), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["runs", "scattered"])
+def test_flash_skips_blocks_of_other_segments_exactly(layout):
+    # Many short blocks: packed runs (whole key blocks of earlier segments are skipped), and
+    # ids scattered token by token (a segment with holes spans many blocks).
+    b, t, block = 3, 40, 4
+    rng = np.random.default_rng(5)
+    if layout == "runs":
+        seg = np.cumsum(rng.random((b, t)) < 0.15, axis=1).astype(np.int32) + 1
+        seg[0, :7] = 0
+        seg[1, 30:] = 0
+    else:
+        seg = rng.integers(0, 4, size=(b, t)).astype(np.int32)
+    q, k, v, dout = _inputs(b, t, 4, 2, 8, seed=6)
+    fn = functools.partial(dot_product_attention, implementation="xla-flash", block_size=block)
+    want, *want_grads = reference_attention(q, k, v, seg, dout)
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v, seg), want, rtol=1e-5, atol=1e-5)
+    grads = jax.jit(functools.partial(_grads, fn))(q, k, v, seg, dout)
+    for name, got, ref in zip("qkv", grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", ["aligned_runs", "scattered"])
+def test_segment_extents_match_brute_force(layout):
+    rng = np.random.default_rng(7)
+    nb, b, block = 6, 3, 4
+    if layout == "aligned_runs":
+        seg = np.repeat([[0, 5, 5, 9, 9, 0], [1, 1, 2, 2, 0, 3], [0, 0, 4, 6, 6, 7]], block, axis=1)
+    else:
+        seg = rng.integers(0, 3, size=(b, nb * block))
+    seg = seg.astype(np.int32)
+    lo, hi = attention._segment_extents(jnp.asarray(seg.reshape(b, nb, block).transpose(1, 0, 2)))
+    reads = np.zeros((nb, nb), bool)  # query block i reads key block j
+    for row in seg:
+        for tq in range(nb * block):
+            for s in range(tq + 1):
+                if row[tq] != 0 and row[s] == row[tq]:
+                    reads[tq // block, s // block] = True
+    for i in range(nb):
+        read = np.flatnonzero(reads[i])
+        assert lo[i] == (read.min() if read.size else i + 1), i
+        readers = np.flatnonzero(reads[:, i])
+        assert hi[i] == (readers.max() + 1 if readers.size else i), i
+    if layout == "aligned_runs":
+        # The loops skip most earlier key blocks (lo) and later query blocks (hi).
+        np.testing.assert_array_equal(lo, [0, 0, 1, 2, 3, 5])
+        np.testing.assert_array_equal(hi, [2, 3, 4, 5, 5, 6])
+
+
 @pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS + ("auto",))
 def test_bfloat16_inputs(implementation):
     b, t, n, g, h = 2, 21, 4, 2, 16

@@ -235,7 +235,9 @@ def _xla_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, *, block_size: int) -> jax.Ar
 # Layout: sequences are padded to nb * block tokens (padding in segment 0) and cut into blocks
 # that lead, [nb, B, G, R*block, H] for queries (the R heads of a group stacked, row r*block + t)
 # and [nb, B, G, block, H] for keys and values, so a block is one dynamic index and both
-# products are batched matmuls over (b, g). Query block i reads key blocks 0..i only.
+# products are batched matmuls over (b, g). Query block i reads key blocks lo[i]..i only, where
+# lo[i] is the block of the earliest token of any segment present in block i: future blocks are
+# skipped, and so are the blocks of earlier segments of a packed row.
 
 
 def _flash_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, block: int) -> jax.Array:
@@ -264,6 +266,40 @@ def _flash_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, block: int) -> jax.Array:
         .reshape(b, nb * block, n, h)
     )
     return out_btnh[:, :t]
+
+
+def _segment_extents(seg_xbk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int32 [nb]: first key block read by each query block, and 1 + last query block reading
+    each key block, over the whole batch (a loop bound is one scalar).
+
+    Each token's segment reaches from the first to the last occurrence of its id in its row
+    (holes included), found by one stable sort: O(T log T), not O(T²).
+    """
+    nb, b, block = seg_xbk.shape
+    t = nb * block
+    seg_bt = seg_xbk.transpose(1, 0, 2).reshape(b, t)
+    order_bt = jnp.argsort(seg_bt, axis=-1, stable=True)
+    sorted_bt = jnp.take_along_axis(seg_bt, order_bt, axis=-1)
+    rank_t = jnp.arange(t)
+    change_bt = sorted_bt[:, 1:] != sorted_bt[:, :-1]
+    starts_bt = jnp.concatenate([jnp.ones((b, 1), bool), change_bt], axis=-1)
+    ends_bt = jnp.concatenate([change_bt, jnp.ones((b, 1), bool)], axis=-1)
+    # Within a run of equal ids the stable sort keeps positions ascending: the run's first rank
+    # holds the earliest position, its last rank the latest.
+    start_rank_bt = jax.lax.cummax(jnp.where(starts_bt, rank_t, 0), axis=1)
+    end_rank_bt = jax.lax.cummin(jnp.where(ends_bt, rank_t, t), axis=1, reverse=True)
+    first_sorted_bt = jnp.take_along_axis(order_bt, start_rank_bt, axis=-1)
+    last_sorted_bt = jnp.take_along_axis(order_bt, end_rank_bt, axis=-1)
+    inverse_bt = jnp.argsort(order_bt, axis=-1)
+    first_bt = jnp.take_along_axis(first_sorted_bt, inverse_bt, axis=-1)
+    last_bt = jnp.take_along_axis(last_sorted_bt, inverse_bt, axis=-1)
+    real_bt = seg_bt != 0  # padding neither reads nor is read
+    first_x = jnp.min(jnp.where(real_bt, first_bt, t).reshape(b, nb, block), axis=(0, 2))
+    last_x = jnp.max(jnp.where(real_bt, last_bt, -1).reshape(b, nb, block), axis=(0, 2))
+    x = jnp.arange(nb)
+    lo_x = jnp.minimum(first_x // block, x + 1)  # x + 1: a block of padding reads nothing
+    hi_x = jnp.maximum(jnp.where(last_x >= 0, last_x // block + 1, 0), x)
+    return lo_x.astype(jnp.int32), jnp.minimum(hi_x, nb).astype(jnp.int32)
 
 
 def _block_mask(seg_xbk: jax.Array, i: jax.Array, j: jax.Array, r: int) -> jax.Array:
@@ -295,6 +331,8 @@ def _flash_forward(q_xbgqh, k_xbgkh, v_xbgkh, seg_xbk):
     nb, b, g, rq, h = q_xbgqh.shape
     r = rq // k_xbgkh.shape[3]
 
+    lo_x, _ = _segment_extents(seg_xbk)
+
     def query_block(_, i):
         q_bgqh = jax.lax.dynamic_index_in_dim(q_xbgqh, i, keepdims=False)
 
@@ -321,8 +359,8 @@ def _flash_forward(q_xbgqh, k_xbgkh, v_xbgkh, seg_xbk):
             jnp.zeros((b, g, rq), jnp.float32),
             jnp.zeros((b, g, rq, h), jnp.float32),
         )
-        # Key blocks after i are entirely in the future: skipped.
-        m_bgq, l_bgq, acc_bgqh = jax.lax.fori_loop(0, i + 1, key_block, init)
+        # Key blocks after i are in the future, those before lo[i] in other segments: skipped.
+        m_bgq, l_bgq, acc_bgqh = jax.lax.fori_loop(lo_x[i], i + 1, key_block, init)
         seen = l_bgq > 0  # False only for padding queries
         out_bgqh = jnp.where(seen[..., None], acc_bgqh / jnp.where(seen, l_bgq, 1.0)[..., None], 0)
         lse_bgq = jnp.where(seen, m_bgq + jnp.log(jnp.where(seen, l_bgq, 1.0)), 0.0)
@@ -356,6 +394,8 @@ def _flash_bwd(res, dout_xbgqh):
     dt = q_xbgqh.dtype
     delta_xbgq = jnp.sum(dout_xbgqh.astype(jnp.float32) * out_xbgqh.astype(jnp.float32), axis=-1)
 
+    _, hi_x = _segment_extents(seg_xbk)
+
     def key_block(dq_xbgqh, j):
         k_bgkh = jax.lax.dynamic_index_in_dim(k_xbgkh, j, keepdims=False)
         v_bgkh = jax.lax.dynamic_index_in_dim(v_xbgkh, j, keepdims=False)
@@ -387,9 +427,10 @@ def _flash_bwd(res, dout_xbgqh):
             return dq_xbgqh, dk_bgkh, dv_bgkh
 
         zeros_bgkh = jnp.zeros((b, g, block, h), jnp.float32)
-        # Query blocks before j cannot see key block j: skipped.
+        # Query blocks before j cannot see key block j, those from hi[j] on are in later
+        # segments: skipped.
         dq_xbgqh, dk_bgkh, dv_bgkh = jax.lax.fori_loop(
-            j, nb, query_block, (dq_xbgqh, zeros_bgkh, zeros_bgkh)
+            j, hi_x[j], query_block, (dq_xbgqh, zeros_bgkh, zeros_bgkh)
         )
         return dq_xbgqh, (dk_bgkh.astype(k_xbgkh.dtype), dv_bgkh.astype(v_xbgkh.dtype))
 
