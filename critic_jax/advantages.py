@@ -119,6 +119,38 @@ def _carry_in_scan(e_rts, gl_rs, kinds_rt):
     return tuple(h.T for h in h_trs)
 
 
+def _carry_in_segmented_scan(e_rts, gl_rs, kinds_rt, ids_rt, ends):
+    """`_carry_in_scan` for packed rows: the scan also carries the id of the next segment.
+
+    Position t ends its segment when its id is nonzero and differs from the first nonzero id
+    after t; there h_t restarts from γ·bootstrap (`ends`: None for 0, [R] for the value of each
+    row's last segment, or [R, T] read at each segment's end). The kinds carry no resets but the
+    row's end.
+    """
+    rows = kinds_rt.shape[0]
+    per_position = ends is not None and ends.ndim == 2
+
+    def step(carry, xs):
+        h_rs, next_id_r = carry
+        kind_r, id_r, e_rs, end_r = xs
+        reset_r = (id_r != 0) & (id_r != next_id_r)
+        if end_r is None:
+            end_r = 0.0 if ends is None else jnp.where(next_id_r == 0, ends, 0.0)
+        h_rs = tuple(
+            jnp.where(reset_r, end_r, e + _step_coefficient(kind_r, gl) * h)
+            for e, gl, h in zip(e_rs, gl_rs, h_rs, strict=True)
+        )
+        return (h_rs, jnp.where(id_r != 0, id_r, next_id_r)), h_rs
+
+    init = (
+        tuple(jnp.zeros((rows,), jnp.float32) for _ in e_rts),
+        jnp.zeros((rows,), ids_rt.dtype),
+    )
+    xs = (kinds_rt.T, ids_rt.T, tuple(e.T for e in e_rts), ends.T if per_position else None)
+    _, h_trs = jax.lax.scan(step, init, xs, reverse=True)
+    return tuple(h.T for h in h_trs)
+
+
 def _carry_in_associative(e_rts, gl_rs, kinds_rt):
     """h_t for every t, by lax.associative_scan of the affine maps h -> e'_t + c'_t·h."""
 
@@ -165,7 +197,12 @@ def _gae_carries(rewards, values, mask, gamma, lams, bootstrap_value, segment_id
     gamma_r = gamma_b.reshape(rows)
     valid_rt = _rows(valid, rows)
     ids_rt = None if ids is None else _rows(ids, rows)
-    kinds, resets = _shifted_steps(valid_rt, gamma_r, boot, per_position, ids_rt)
+    # The scan finds segment ends itself (it carries the id of the next segment); the
+    # associative method needs them up front.
+    in_scan = ids_rt is not None and method == "scan"
+    kinds, resets = _shifted_steps(
+        valid_rt, gamma_r, None if in_scan else boot, per_position, None if in_scan else ids_rt
+    )
     e_rts, gl_rs = [], []
     for lam in lams.values():
         lam_b = jnp.broadcast_to(lam, lead)
@@ -176,12 +213,22 @@ def _gae_carries(rewards, values, mask, gamma, lams, bootstrap_value, segment_id
         )
         e_rt = _rows(e, rows)
         e_rt = jnp.concatenate([e_rt[:, 1:], jnp.zeros_like(e_rt[:, :1])], axis=1)
-        if resets is not None or ids_rt is not None:  # else the only reset's e' is already 0
+        if resets is not None or (ids_rt is not None and not in_scan):
+            # (Otherwise the only reset is the row's end, whose e' is already 0.)
             e_rt = jnp.where(kinds == _RESET, 0.0 if resets is None else resets, e_rt)
         e_rts.append(e_rt)
         gl_rs.append(gamma_r * lam_b.reshape(rows))
-    carry_in = _carry_in_scan if method == "scan" else _carry_in_associative
-    h_rts = carry_in(tuple(e_rts), tuple(gl_rs), kinds)
+    if in_scan:
+        if boot is None:
+            ends = None
+        elif per_position:
+            ends = gamma_r[:, None] * _rows(boot, rows)
+        else:
+            ends = gamma_r * boot.reshape(rows)
+        h_rts = _carry_in_segmented_scan(tuple(e_rts), tuple(gl_rs), kinds, ids_rt, ends)
+    else:
+        carry_in = _carry_in_scan if method == "scan" else _carry_in_associative
+        h_rts = carry_in(tuple(e_rts), tuple(gl_rs), kinds)
     return valid, rewards, values, tuple(h.reshape(shape) for h in h_rts)
 
 
