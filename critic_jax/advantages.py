@@ -19,7 +19,9 @@ one step: h_t = e_{t+1} + c_{t+1}·h_{t+1}, except where t is the last position 
 the row), where h_t = γ·bootstrap and the step is a reset (c = 0). Each step is therefore one of
 three kinds, stored as one uint8 per position beside e: transparent (c = 1), valid (c = γλ of the
 row) and reset (c = 0). All masking happens in the elementwise passes before and after the
-recurrence; the loop body is a single multiply-add.
+recurrence; the loop body is a single multiply-add. With `segment_ids`, method "scan" also
+carries the id of the next segment and resets where the id changes (one select more per step);
+method "associative" marks the resets up front.
 """
 
 import jax
