@@ -95,6 +95,18 @@ VARIANTS = (
         "3.48 / 0.78 / 0.74 / 1.04",
     ),
     (
+        "kept, two-level: time cut into 8-64 chunks folded into the batch, the scan also "
+        "carries the chunk's product of c, chunk carries fixed up afterwards",
+        "- / - / 0.62-1.03 / 3.9-7.4",
+        "- / - / 0.59 / 3.33 (median; best 0.92)",
+    ),
+    (
+        "segment_ids: next segment's id found by an associative fill before the scan, vs "
+        "carried in the scan (kept)",
+        "13.8 vs 11.6 / 0.81 / 1.66 / 2.51 vs 1.83",
+        "8.07 and 8.76 / 0.44 / 0.83 / 1.41 and 1.23",
+    ),
+    (
         "no transposes: fori_loop over [B, k] blocks of the [B, T] inputs, k = 8 / 16 / 32, "
         "everything fused in the body",
         "3.7-11 / 0.54-0.99 / 1.6-2.7 / 7-21",
