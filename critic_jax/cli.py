@@ -159,12 +159,16 @@ def _train(args: list[str]) -> int:
     for key in (
         "steps",
         "final_loss",
+        "stopped_early",
         "relative_value_error",
         "explained_variance_vs_true",
+        "advantage_error_vs_true",
+        "advantage_sign_agreement",
+        "advantage_rank_correlation",
         "tokens_per_second",
         "compile_seconds",
     ):
-        if key in summary:
+        if summary.get(key) is not None:
             value = summary[key]
             print(
                 f"  {key:28s} {value:.4g}" if isinstance(value, float) else f"  {key:28s} {value}"
@@ -187,6 +191,15 @@ def _make_rollouts(args: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `critic-jax ARGS`; returns the exit code (0, 2 on bad input, 128 + signal)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("critic-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
@@ -195,12 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": _train, "make-rollouts": _make_rollouts}
     if command not in commands:
         return _fail(f"unknown subcommand {command!r}; valid: {', '.join(commands)}")
+    from critic_jax.checkpoint import CheckpointError
+    from critic_jax.train import Interrupted, TrainingError
+
     try:
         return commands[command](rest)
-    except (ValueError, OSError) as e:
-        return _fail(f"{type(e).__name__ if isinstance(e, OSError) else ''} {e}".strip())
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+    except (ValueError, TrainingError, CheckpointError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{type(e).__name__}: {e}")
+    except Interrupted as e:
+        print(f"critic-jax: {e}; nothing was saved", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from critic_jax import _checks
 from critic_jax.advantages import GAE_METHODS
 from critic_jax.checkpoint import CheckpointConfig
 from critic_jax.data import DataConfig
@@ -39,6 +41,11 @@ class PPOConfig:
       minibatch_size: rows per optimizer update (global, over all devices).
       micro_batches: gradient-accumulation chunks per minibatch (same gradient, less memory).
       gae_method: "scan" or "associative".
+      policy_lam: GAE λ of the policy's advantages (logged, evaluated against the true
+        advantages and written by `critic-jax score`); the critic's targets use `lam`
+        (decoupled GAE, VC-PPO: `lam` 1.0 for the critic, `policy_lam` 0.95 for the policy).
+      adaptive_lam_alpha: if set, the policy's λ is length-adaptive per row (VAPO):
+        λ = 1 − 1/(α·l), l the row's action count; `policy_lam` is then unused.
       use_rollout_old_values: take `old_values` from the data when it has them, instead of
         evaluating the critic on the batch before the update.
     """
@@ -53,6 +60,8 @@ class PPOConfig:
     minibatch_size: int = 16
     micro_batches: int = 1
     gae_method: str = "scan"
+    policy_lam: float = 0.95
+    adaptive_lam_alpha: float | None = None
     use_rollout_old_values: bool = False
 
     def __post_init__(self):
@@ -60,12 +69,20 @@ class PPOConfig:
             raise ValueError(f"ppo.gamma must be in [0, 1]. Received: {self.gamma}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"ppo.lam must be in [0, 1]. Received: {self.lam}")
+        if not 0.0 <= self.policy_lam <= 1.0:
+            raise ValueError(f"ppo.policy_lam must be in [0, 1]. Received: {self.policy_lam}")
+        if self.adaptive_lam_alpha is not None and not (
+            math.isfinite(self.adaptive_lam_alpha) and self.adaptive_lam_alpha > 0
+        ):
+            raise ValueError(
+                f"ppo.adaptive_lam_alpha must be > 0 or None. Received: {self.adaptive_lam_alpha}"
+            )
         if self.clip_eps is not None and not self.clip_eps > 0.0:
             raise ValueError(f"ppo.clip_eps must be > 0 or None. Received: {self.clip_eps}")
-        _check_choice("ppo.loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("ppo.reduction", self.reduction, REDUCTIONS)
-        _check_choice("ppo.gae_method", self.gae_method, GAE_METHODS)
-        if not self.huber_delta > 0.0:
+        _checks.option("ppo.loss_type", self.loss_type, LOSS_TYPES)
+        _checks.option("ppo.reduction", self.reduction, REDUCTIONS)
+        _checks.option("ppo.gae_method", self.gae_method, GAE_METHODS)
+        if not (self.huber_delta > 0.0 and math.isfinite(self.huber_delta)):
             raise ValueError(f"ppo.huber_delta must be > 0. Received: {self.huber_delta}")
         for name in ("ppo_epochs", "minibatch_size", "micro_batches"):
             if getattr(self, name) < 1:
@@ -113,8 +130,12 @@ class OptimConfig:
             raise ValueError(
                 f"optim.b1 and optim.b2 must be in [0, 1). Received: {self.b1}, {self.b2}"
             )
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip must be >= 0. Received: {self.grad_clip}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"optim.eps must be > 0 and finite. Received: {self.eps}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"optim.grad_clip must be >= 0 and finite. Received: {self.grad_clip}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"optim.weight_decay must be finite. Received: {self.weight_decay}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,6 +159,31 @@ class LogConfig:
             raise ValueError(f"log.eval_every must be >= 0. Received: {self.eval_every}")
         if self.eval_rows < 1:
             raise ValueError(f"log.eval_rows must be >= 1. Received: {self.eval_rows}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StopConfig:
+    """Stop before `steps` once the critic has settled (value pretraining, VC-PPO).
+
+    The criterion reads the training batches' explained variance, `1 − Var[R − V] / Var[R]` of
+    the critic's values before each update against that update's returns (logged as
+    `explained_variance`): it needs no held-out data, so it works on Parquet rollouts too.
+
+    Attributes:
+      explained_variance: stop once the explained variance has been at least this for
+        `patience` logged iterations in a row; None never stops early.
+      patience: consecutive logged iterations (every `log.every`) the threshold must hold.
+    """
+
+    explained_variance: float | None = None
+    patience: int = 5
+
+    def __post_init__(self):
+        ev = self.explained_variance
+        if ev is not None and not (math.isfinite(ev) and ev <= 1.0):
+            raise ValueError(f"stop.explained_variance must be <= 1 or None. Received: {ev}")
+        if self.patience < 1:
+            raise ValueError(f"stop.patience must be >= 1. Received: {self.patience}")
 
 
 def _default_model() -> ModelConfig:
@@ -170,6 +216,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    stop: StopConfig = dataclasses.field(default_factory=StopConfig)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -235,19 +282,36 @@ class TrainConfig:
         return shape
 
 
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(
-            f"Unknown {name} {value!r}; valid: {', '.join(valid)}. Received: {value!r}"
-        )
-
-
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type, values: dict[str, Any], *, base: Any | None = None) -> Any:
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raises unless `value` (from JSON) fits the field's type hint (int for float is fine)."""
+    allowed = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    for t in allowed:
+        if t is type(None) and value is None:
+            return
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if t in (str, bool) and isinstance(value, t):
+            return
+    names = " or ".join(
+        "null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed
+    )
+    raise ValueError(f"Config key {name!r} must be {names}. Received: {value!r}")
+
+
+def from_dict(
+    cls: type, values: dict[str, Any], *, base: Any | None = None, prefix: str = ""
+) -> Any:
     """Builds config `cls` from a (partial, nested) dict over `base` (default: `cls()`).
 
     Unknown keys raise ValueError naming them, so a typo in a config file never passes silently.
@@ -259,15 +323,22 @@ def from_dict(cls: type, values: dict[str, Any], *, base: Any | None = None) -> 
     for key, value in values.items():
         if key not in fields:
             raise ValueError(
-                f"Unknown config key {key!r} for {cls.__name__}; valid: {', '.join(fields)}. "
-                f"Received: {key!r}"
+                f"Unknown config key {prefix + key!r} for {cls.__name__}; valid: "
+                f"{', '.join(fields)}. Received: {key!r}"
             )
         current = getattr(base, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            updates[key] = from_dict(type(current), value, base=current)
-        elif dataclasses.is_dataclass(hints.get(key)) and isinstance(value, dict):
-            updates[key] = from_dict(hints[key], value)
+        where = f"{prefix}{key}"
+        if dataclasses.is_dataclass(current) or dataclasses.is_dataclass(hints.get(key)):
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"Config key {where!r} is a section and needs a JSON object. "
+                    f"Received: {value!r}"
+                )
+            section = type(current) if dataclasses.is_dataclass(current) else hints[key]
+            kwargs = {"base": current} if dataclasses.is_dataclass(current) else {}
+            updates[key] = from_dict(section, value, prefix=f"{where}.", **kwargs)
         else:
+            _check_type(where, value, hints[key])
             updates[key] = value
     return dataclasses.replace(base, **updates)
 

@@ -156,9 +156,22 @@ def gather_lookup_tables(params: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
+    """The `PartitionSpec` that `LOGICAL_AXIS_RULES` gives an array with these axis names."""
+    rules = dict(LOGICAL_AXIS_RULES)
+    return PartitionSpec(*(None if name is None else rules[name] for name in names))
+
+
+def with_logical_constraint(x: jax.Array, names: Sequence[str | None], mesh: Mesh) -> jax.Array:
+    """Constrains an activation inside a jitted function by its logical axis names (trailing
+    axes not named are replicated), through the same rule table as the parameters."""
+    names = tuple(names) + (None,) * (x.ndim - len(names))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a `[B, ...]` batch array: rows over `("data", "fsdp")`, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

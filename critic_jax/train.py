@@ -1,315 +1,95 @@
-"""The critic update of one PPO iteration as one jitted, sharded call, and the loop around it.
+"""The host loop: build the state on the mesh, jit the update once, feed batches, log, checkpoint.
 
-One iteration takes a rollout batch `[B, T]` and, inside a single `jax.jit`:
+`run(config, hooks)` is the one training loop of the project; `critic-jax train`, the experiments
+and the benchmarks all drive it (or `make_trainer`, its set-up, alone). The loop only moves data
+and decides when to log, evaluate, checkpoint and stop; the update itself is `critic_jax.update`.
 
-1. evaluates the critic on the batch for the rollout's old values (or takes them from the data),
-2. computes GAE returns with `compute_gae`,
-3. runs `ppo_epochs` passes over shuffled minibatches (`lax.scan`), each minibatch split into
-   micro-batches for gradient accumulation (`lax.scan`), with `value_loss` reduced over the whole
-   minibatch, so accumulation and sharding never change the gradient,
-4. applies AdamW (clip by global norm, warmup + cosine), skipping non-finite updates.
-
-The host loop only feeds batches, logs, evaluates and checkpoints.
+Hooks let a caller change what the loop does without copying it: the model (`build_model`, e.g.
+a shared actor-critic trunk) and its loss (`loss_fn`), the initial parameters, a transform of each
+host batch (reward noise), the evaluation cadence, and a callback after every iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import json
+import math
+import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from critic_jax import data as data_lib
 from critic_jax import parallel
-from critic_jax.advantages import compute_gae
-from critic_jax.checkpoint import Checkpointer, abstract_like
-from critic_jax.config import OptimConfig, PPOConfig, TrainConfig, to_dict
-from critic_jax.losses import reduction_denominator, value_loss
-from critic_jax.masking import masked_mean
-from critic_jax.metrics import explained_variance, value_metrics
+from critic_jax import update as update_lib
+from critic_jax.checkpoint import Checkpointer, CheckpointError, restore_state, save_state
+from critic_jax.config import TrainConfig, to_dict
 from critic_jax.models import Critic, config_from_hf, critic_from_hf
+from critic_jax.update import TrainState
 
-BATCH_KEYS = ("tokens", "attention_mask", "mask", "rewards")
+# Settings a resumed run may change; any other difference from the checkpoint's config is refused
+# (the state or the data it was trained on would no longer match what the run says it is).
+RESUMABLE_KEYS = ("steps", "workdir", "log", "checkpoint", "stop")
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything an update changes.
+class TrainingError(RuntimeError):
+    """A run that cannot go on or would learn nothing (one line, for the command line)."""
+
+
+class Interrupted(Exception):  # noqa: N818 - the name says what happened
+    """SIGINT / SIGTERM arrived before there was any trained state to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} before the first update")
+        self.signum = signum
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hooks:
+    """What a caller of `run` may change without copying the loop.
 
     Attributes:
-      params: the critic's `nnx.Param` state.
-      opt_state: optax state.
-      step: int32 scalar, optimizer updates taken (skipped ones included).
-      iteration: int32 scalar, rollout batches consumed.
-      rng: uint32[2] key for the minibatch shuffles.
+      build_model: `(config, mesh) -> (graphdef, params)` with params placed on the mesh;
+        default `build_critic` (a `Critic`, random or `config.init_from`).
+      loss_fn: `(outputs, minibatch) -> scalar`; default the critic's loss for `config`.
+      initial_params: `(params) -> params` replacing the fresh parameters before training (same
+        tree and shapes; they are placed like the fresh ones). Not applied on resume.
+      transform_batch: `(host batch dict) -> host batch dict`, applied to each batch before it
+        is placed on the devices (e.g. reward noise).
+      on_iteration: called after every iteration with `(iteration, metrics or None, state)`;
+        metrics on logging and evaluation iterations.
+      on_event: called with one-line messages (restored, preempted, warnings).
+      eval_every: evaluate against true values every this many iterations (None:
+        `config.log.eval_every`), and also before the first update when `eval_at_start`.
+      eval_at_start: evaluate the initial parameters (reported as iteration 0).
     """
 
-    params: Any
-    opt_state: Any
-    step: jax.Array
-    iteration: jax.Array
-    rng: jax.Array
+    build_model: Callable[[TrainConfig, jax.sharding.Mesh], tuple[Any, Any]] | None = None
+    loss_fn: update_lib.LossFn | None = None
+    initial_params: Callable[[Any], Any] | None = None
+    transform_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    on_iteration: Callable[[int, dict[str, float] | None, TrainState], None] | None = None
+    on_event: Callable[[str], None] | None = None
+    eval_every: int | None = None
+    eval_at_start: bool = False
 
 
-def make_optimizer(config: OptimConfig, total_updates: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(warmup + cosine), wrapped to skip non-finite updates."""
-    warmup = min(config.warmup_steps, max(total_updates - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        # Start above 0 so that the very first update already moves the parameters.
-        init_value=config.learning_rate / (warmup + 1),
-        peak_value=config.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_updates, warmup + 1),
-        end_value=config.learning_rate * config.end_lr_ratio,
-    )
-    chain = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.adamw(
-            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
-        ),
-    )
-    # A non-finite gradient leaves params and moments untouched and is counted in the state.
-    return optax.apply_if_finite(chain, max_consecutive_errors=2**31 - 1)
+# --- set-up -------------------------------------------------------------------------------------
 
 
-def _constrain(x: jax.Array, mesh, batch_axis: int) -> jax.Array:
-    spec = [None] * x.ndim
-    spec[batch_axis] = parallel.BATCH_AXES
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
-
-
-def ppo_value_loss(values: jax.Array, mb: dict[str, jax.Array], ppo: PPOConfig) -> jax.Array:
-    """`value_loss` of `values` against `mb["returns"]`, clipped around `mb["old_values"]` on
-    `mb["mask"]`, with the loss type, clip radius and reduction of `ppo`."""
-    return value_loss(
-        values,
-        mb["old_values"],
-        mb["returns"],
-        mb["mask"],
-        clip_eps=ppo.clip_eps,
-        loss_type=ppo.loss_type,
-        huber_delta=ppo.huber_delta,
-        reduction=ppo.reduction,
-    )
-
-
-def make_update_fn(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    ppo: PPOConfig,
-    mesh: jax.sharding.Mesh,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the pure critic update `(state, batch) -> (state, metrics)` for one rollout batch.
-
-    `batch` holds `[B, T]` arrays `tokens`, `attention_mask`, `mask`, `rewards` and, when
-    `ppo.use_rollout_old_values`, `old_values`. `B` must be a multiple of `ppo.minibatch_size`.
-    The caller jits it once (see `jit_update`).
-    """
-
-    def apply(params, tokens, attention_mask):
-        params = parallel.gather_lookup_tables(params, mesh)
-        return nnx.merge(graphdef, params)(tokens, attention_mask)
-
-    def minibatch_loss(params, mb, scale):
-        values = apply(params, mb["tokens"], mb["attention_mask"])
-        return ppo_value_loss(values, mb, ppo) * scale, values
-
-    grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
-
-    def minibatch_step(carry, mb):
-        params, opt_state = carry
-        total = reduction_denominator(mb["mask"], ppo.reduction)
-        micro = jax.tree.map(
-            lambda x: _constrain(
-                x.reshape(ppo.micro_batches, x.shape[0] // ppo.micro_batches, *x.shape[1:]),
-                mesh,
-                1,
-            ),
-            mb,
-        )
-
-        def micro_step(acc, m):
-            grads_acc, loss_acc = acc
-            scale = jnp.where(
-                total > 0, reduction_denominator(m["mask"], ppo.reduction) / total, 0.0
-            )
-            (loss, values), grads = grad_fn(params, m, scale)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss), values
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), values = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), micro)
-        values = values.reshape(mb["mask"].shape)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        stats = value_metrics(
-            values, mb["old_values"], mb["returns"], mb["mask"], clip_eps=ppo.clip_eps
-        )
-        stats = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "skipped": 1.0 - finite.astype(jnp.float32),
-            "clipfrac": stats["clipfrac"],
-            "value_mse": stats["value_mse"],
-            "vpred_mean": stats["vpred_mean"],
-        }
-        return (params, opt_state), stats
-
-    def update(state: TrainState, batch: dict[str, jax.Array]):
-        tokens, attention_mask = batch["tokens"], batch["attention_mask"]
-        mask, rewards = batch["mask"], batch["rewards"]
-        rows, length = tokens.shape
-        n_mb = rows // ppo.minibatch_size
-
-        def chunks(x):  # [B, ...] -> [n_mb, mb, ...], rows of each chunk over the batch axes
-            return _constrain(x.reshape(n_mb, ppo.minibatch_size, *x.shape[1:]), mesh, 1)
-
-        if ppo.use_rollout_old_values:
-            old_values = batch["old_values"].astype(jnp.float32)
-        else:
-            # Chunked so evaluating a large rollout batch costs one minibatch of activations.
-            old_values = jax.lax.map(
-                lambda tm: apply(state.params, *tm), (chunks(tokens), chunks(attention_mask))
-            ).reshape(rows, length)
-            old_values = jax.lax.stop_gradient(old_values)
-        advantages, returns = compute_gae(
-            rewards, old_values, mask, gamma=ppo.gamma, lam=ppo.lam, method=ppo.gae_method
-        )
-        data = {
-            "tokens": tokens,
-            "attention_mask": attention_mask,
-            "mask": mask,
-            "old_values": old_values,
-            "returns": returns,
-        }
-        rng, shuffle_rng = jax.random.split(state.rng)
-
-        def epoch(carry, key):
-            perm = jax.random.permutation(key, rows)
-            mbs = jax.tree.map(lambda x: chunks(x[perm]), data)
-            return jax.lax.scan(minibatch_step, carry, mbs)
-
-        keys = jax.random.split(shuffle_rng, ppo.ppo_epochs)
-        (params, opt_state), stats = jax.lax.scan(epoch, (state.params, state.opt_state), keys)
-        n_updates = ppo.ppo_epochs * n_mb
-        metrics = {k: v.mean() for k, v in stats.items()}
-        metrics["skipped"] = stats["skipped"].sum()
-        metrics["loss_first"] = stats["loss"][0, 0]
-        metrics["loss_last"] = stats["loss"][-1, -1]
-        metrics["returns_mean"] = masked_mean(returns, mask)
-        metrics["advantages_mean"] = masked_mean(advantages, mask)
-        metrics["explained_variance"] = explained_variance(old_values, returns, mask)
-        metrics["valid_tokens"] = (mask != 0).sum().astype(jnp.float32)
-        new_state = TrainState(
-            params=params,
-            opt_state=opt_state,
-            step=state.step + n_updates,
-            iteration=state.iteration + 1,
-            rng=rng,
-        )
-        return new_state, metrics
-
-    return update
-
-
-def make_eval_fn(graphdef: nnx.GraphDef) -> Callable[[Any, dict[str, jax.Array]], dict]:
-    """`(params, batch) -> metrics` of the critic against known true values.
-
-    `relative_value_error` = RMSE(V - V*) / std(V*) over valid tokens;
-    `explained_variance_vs_true` = 1 - Var(V* - V) / Var(V*).
-    """
-
-    def evaluate(params, batch):
-        values = nnx.merge(graphdef, params)(batch["tokens"], batch["attention_mask"])
-        true, mask = batch["true_values"], batch["mask"]
-        valid = mask != 0
-        err = jnp.where(valid, values - true, 0.0)
-        rmse = jnp.sqrt(masked_mean(err**2, mask))
-        mean_true = masked_mean(true, mask)
-        std_true = jnp.sqrt(masked_mean(jnp.where(valid, true - mean_true, 0.0) ** 2, mask))
-        return {
-            "relative_value_error": rmse / jnp.maximum(std_true, 1e-12),
-            "value_rmse": rmse,
-            "true_value_std": std_true,
-            "explained_variance_vs_true": explained_variance(values, true, mask),
-        }
-
-    return evaluate
-
-
-@dataclasses.dataclass
-class Setup:
-    """A run's static parts: the mesh, the model's graph, the optimizer and the jitted calls."""
-
-    config: TrainConfig
-    mesh: jax.sharding.Mesh
-    graphdef: nnx.GraphDef
-    tx: optax.GradientTransformation
-    state_shardings: Any
-    batch_keys: tuple[str, ...]
-    update: Any  # the jitted update
-    evaluate: Any  # the jitted evaluation
-
-
-def build_model(config: TrainConfig, mesh: jax.sharding.Mesh, *, seed: int | None = None):
-    """Creates the critic's parameters directly in their sharded layout.
-
-    Returns:
-      (graphdef, params) with every parameter placed by `parallel.LOGICAL_AXIS_RULES`.
-    """
-    seed = config.seed if seed is None else seed
-    if config.init_from is not None:
-        config = with_checkpoint_model(config)
-
-    def make_params():
-        return nnx.state(Critic(config.model, rngs=nnx.Rngs(seed)), nnx.Param)
-
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        abstract = nnx.eval_shape(lambda: Critic(config.model, rngs=nnx.Rngs(seed)))
-        graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise ValueError(f"The critic has non-parameter state, unsupported. Received: {rest}")
-        shardings = parallel.state_shardings(abs_params, mesh)
-        if config.init_from is None:
-            params = jax.jit(make_params, out_shardings=shardings)()
-            return graphdef, params
-    loaded = nnx.state(_load_critic(config), nnx.Param)
-    leaves = []
-    for (path, x), want, sharding in zip(
-        jax.tree_util.tree_leaves_with_path(loaded),
-        jax.tree.leaves(abs_params),
-        jax.tree.leaves(shardings),
-        strict=True,
-    ):
-        if x.shape != want.shape:
-            raise ValueError(
-                f"Parameter {jax.tree_util.keystr(path)} of {config.init_from} has shape "
-                f"{x.shape}, the model expects {want.shape}. Received: {config.init_from}"
-            )
-        leaves.append(_replicate(np.asarray(x, want.dtype), sharding))
-    return graphdef, jax.tree.unflatten(jax.tree.structure(abs_params), leaves)
-
-
-def _load_critic(config: TrainConfig) -> Critic:
-    m = config.model
-    return critic_from_hf(config.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-
-
-def with_checkpoint_model(config: TrainConfig) -> TrainConfig:
-    """`config` with `model` taken from the `init_from` checkpoint's architecture."""
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """`config` with the model architecture read from `init_from`'s config.json (once)."""
+    if config.init_from is None:
+        return config
     path = Path(config.init_from) / "config.json"
     try:
         hf = json.loads(path.read_text())
@@ -320,20 +100,83 @@ def with_checkpoint_model(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, model=model)
 
 
-def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, TrainState]:
-    """A fresh, sharded `TrainState` (and the model's graph) for `config` on `mesh`."""
-    graphdef, params = build_model(config, mesh)
-    tx = make_optimizer(config.optim, config.steps * config.updates_per_step)
-    rep = parallel.replicated(mesh)
-    # Adam moments are sharded like their parameters (ZeRO under fsdp); counters are replicated.
-    opt_shardings = optax.tree_map_params(
+def _abstract_critic(config: TrainConfig, mesh: jax.sharding.Mesh, seed: int):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+        abstract = nnx.eval_shape(lambda: Critic(config.model, rngs=nnx.Rngs(seed)))
+    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"The critic has non-parameter state, unsupported. Received: {rest}")
+    return graphdef, abs_params, parallel.state_shardings(abs_params, mesh)
+
+
+def build_critic(config: TrainConfig, mesh: jax.sharding.Mesh, *, seed: int | None = None):
+    """The critic's parameters created directly in their sharded layout: random, or loaded from
+    `config.init_from` (after `resolve_config`).
+
+    Returns:
+      (graphdef, params) with every parameter placed by `parallel.LOGICAL_AXIS_RULES`.
+    """
+    seed = config.seed if seed is None else seed
+    graphdef, abs_params, shardings = _abstract_critic(config, mesh, seed)
+    if config.init_from is None:
+
+        def make_params():
+            with nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+                return nnx.state(Critic(config.model, rngs=nnx.Rngs(seed)), nnx.Param)
+
+        with jax.set_mesh(mesh):
+            return graphdef, jax.jit(make_params, out_shardings=shardings)()
+    m = config.model
+    loaded = nnx.state(
+        critic_from_hf(config.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat),
+        nnx.Param,
+    )
+    return graphdef, place_like(loaded, abs_params, shardings, source=config.init_from)
+
+
+def place_like(params: Any, like: Any, shardings: Any, *, source: str = "params") -> Any:
+    """`params`' arrays in the tree structure of `like` (same paths and shapes), each placed on
+    its sharding in `shardings`.
+
+    Raises:
+      ValueError: naming the parameter whose shape differs.
+    """
+    got = jax.tree_util.tree_leaves_with_path(params)
+    leaves = []
+    for (path, x), want, sharding in zip(
+        got, jax.tree.leaves(like), jax.tree.leaves(shardings), strict=True
+    ):
+        if x.shape != want.shape:
+            raise ValueError(
+                f"Parameter {jax.tree_util.keystr(path)} of {source} has shape {x.shape}, the "
+                f"model expects {want.shape}. Received: {source}"
+            )
+        leaves.append(_replicate(np.asarray(x, want.dtype), sharding))
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _replicate(x, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    """Places a host value that every process holds identically onto `sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _opt_shardings(tx, params, mesh):
+    """Adam moments sharded like their parameters (ZeRO under fsdp); counters replicated."""
+    return optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,
         jax.eval_shape(tx.init, params),
         jax.tree.map(lambda x: x.sharding, params),
-        transform_non_params=lambda _: rep,
+        transform_non_params=lambda _: parallel.replicated(mesh),
     )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+
+
+def init_state(config: TrainConfig, mesh: jax.sharding.Mesh, params: Any) -> TrainState:
+    """A fresh `TrainState` around placed `params`, every leaf committed to its sharding."""
+    tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
+    opt_state = jax.jit(tx.init, out_shardings=_opt_shardings(tx, params, mesh))(params)
+    rep = parallel.replicated(mesh)
     state = TrainState(
         params=params,
         opt_state=opt_state,
@@ -342,87 +185,193 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphD
         rng=_replicate(np.asarray(jax.random.PRNGKey(config.seed + 1)), rep),
     )
     # Commit every leaf to its sharding, so the first update sees what later ones see.
-    return graphdef, jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
 
 
-def _replicate(x, sharding: NamedSharding) -> jax.Array:
-    """Places a host value that every process holds identically onto `sharding`."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+def abstract_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, TrainState]:
+    """(graphdef, the `TrainState` as `jax.ShapeDtypeStruct`s with shardings): nothing is
+    allocated, so a run of any size can be lowered and compiled ahead of time (`plan`)."""
+    graphdef, abs_params, shardings = _abstract_critic(config, mesh, config.seed)
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, shardings
+    )
+    tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
+    opt_shardings = _opt_shardings(tx, params, mesh)
+    opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        opt_shardings,
+    )
+    rep = parallel.replicated(mesh)
+
+    def scalar(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
+    state = TrainState(
+        params=params,
+        opt_state=opt,
+        step=scalar((), np.int32),
+        iteration=scalar((), np.int32),
+        rng=scalar((2,), np.uint32),
+    )
+    return graphdef, state
 
 
-def make_setup(config: TrainConfig, mesh: jax.sharding.Mesh, state: TrainState, graphdef) -> Setup:
-    """Jits the update once: explicit in/out shardings, the state donated."""
-    tx = make_optimizer(config.optim, config.steps * config.updates_per_step)
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """A run's static parts: the mesh, the model's graph, the jitted update and evaluation."""
+
+    config: TrainConfig
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    batch_keys: tuple[str, ...]
+    update: Any  # jitted (state, batch) -> (state, metrics), state donated
+    evaluate: Any  # jitted (params, eval batch) -> metrics
+
+
+def batch_keys(config: TrainConfig) -> tuple[str, ...]:
+    """The arrays of a rollout batch that the update reads, for this config."""
+    keys = update_lib.BATCH_KEYS
+    if config.ppo.use_rollout_old_values:
+        keys += ("old_values",)
+    if getattr(config.data, "packing", False):
+        keys += ("segment_ids",)
+    return keys
+
+
+def default_loss_fn(config: TrainConfig) -> update_lib.LossFn:
+    """The critic's loss for `config`: the clipped value loss, or HL-Gauss cross-entropy."""
+    m = config.model
+    if getattr(m, "value_head", "scalar") != "hl-gauss":
+        return functools.partial(update_lib.critic_loss, ppo=config.ppo)
+    support = np.linspace(m.value_min, m.value_max, m.value_bins, dtype=np.float32)
+    sigma = m.value_sigma_ratio * float(support[1] - support[0])
+    return functools.partial(update_lib.critic_loss, ppo=config.ppo, support=support, sigma=sigma)
+
+
+def make_trainer(
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    graphdef: Any,
+    state: TrainState,
+    *,
+    loss_fn: update_lib.LossFn | None = None,
+) -> Trainer:
+    """Jits the update once (explicit in/out shardings, the state donated) and the evaluation.
+
+    `state` may be real or abstract (`abstract_state`): only its shardings are read.
+    """
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    keys = BATCH_KEYS + (("old_values",) if config.ppo.use_rollout_old_values else ())
+    keys = batch_keys(config)
     batch_sh = {k: parallel.batch_sharding(mesh, 2) for k in keys}
     rep = parallel.replicated(mesh)
+    apply_fn = update_lib.make_apply_fn(graphdef, mesh)
+    tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
     update = jax.jit(
-        make_update_fn(graphdef, tx, config.ppo, mesh),
+        update_lib.make_update(
+            apply_fn, tx, config.ppo, mesh=mesh, loss_fn=loss_fn or default_loss_fn(config)
+        ),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
     )
-    eval_keys = ("tokens", "attention_mask", "mask", "true_values")
     evaluate = jax.jit(
-        make_eval_fn(graphdef),
-        in_shardings=(state_sh.params, {k: parallel.batch_sharding(mesh, 2) for k in eval_keys}),
+        functools.partial(update_lib.evaluate, apply_fn=apply_fn, ppo=config.ppo),
+        in_shardings=(
+            state_sh.params,
+            {k: parallel.batch_sharding(mesh, 2) for k in update_lib.EVAL_KEYS},
+        ),
         out_shardings=rep,
     )
-    return Setup(config, mesh, graphdef, tx, state_sh, keys, update, evaluate)
+    return Trainer(config, mesh, graphdef, keys, update, evaluate)
 
 
-# --- checkpoint form of the state: a nested dict of plain arrays -------------------------------
+# --- host-side helpers ----------------------------------------------------------------------------
+
+_INT_KEYS = ("tokens", "attention_mask", "segment_ids")
 
 
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+def host_batch(
+    batch: dict[str, np.ndarray], keys: tuple[str, ...], *, vocab_size: int
+) -> dict[str, np.ndarray]:
+    """The arrays `keys` of a host batch, cast to the update's dtypes and checked.
 
-
-def to_checkpoint_tree(state: TrainState) -> dict:
-    """The state as nested dicts of arrays (the form Orbax stores), keyed by pytree paths."""
-    out: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        node = out
-        names = [_key_name(p) for p in path]
-        for name in names[:-1]:
-            node = node.setdefault(name, {})
-        node[names[-1]] = leaf
+    Raises:
+      ValueError: when a key is missing or a token id is outside [0, vocab_size).
+    """
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"Rollout batch lacks {missing}. Received keys: {sorted(batch)}")
+    out = {}
+    for k in keys:
+        x = np.asarray(batch[k])
+        out[k] = x.astype(np.int32) if k in _INT_KEYS else x.astype(np.float32)
+    tokens = np.asarray(batch["tokens"])
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)].flat[0]
+        raise ValueError(
+            f"A rollout batch holds token id {bad}, outside the model's vocabulary "
+            f"[0, {vocab_size}). Received: token id {bad}"
+        )
     return out
 
 
-def from_checkpoint_tree(tree: dict, like: TrainState) -> TrainState:
-    """Inverse of `to_checkpoint_tree`, with the pytree structure of `like`."""
-    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    leaves = []
-    for path, _ in paths:
-        node = tree
-        for p in path:
-            node = node[_key_name(p)]
-        leaves.append(node)
-    return jax.tree.unflatten(treedef, leaves)
+def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-# --- the loop ------------------------------------------------------------------------------------
+def _json_safe(x: Any) -> Any:
+    """NaN and infinities become None, so every file written is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    return x
+
+
+def held_out(config: TrainConfig, mesh: jax.sharding.Mesh, rows: int | None = None):
+    """This process's slice of the held-out batch with true values, placed on the mesh
+    (synthetic data only; None for Parquet rollouts, whose true values are unknown)."""
+    if config.data.path is not None:
+        return None
+    dp = parallel.batch_parallel_size(mesh)
+    rows = rows or config.log.eval_rows
+    rows = max(dp, rows - rows % dp)
+    full = data_lib.held_out_batch(config.data, seed=config.seed, gamma=config.ppo.gamma, n=rows)
+    per = rows // jax.process_count()
+    lo = jax.process_index() * per
+    local = {k: np.asarray(full[k][lo : lo + per]) for k in update_lib.EVAL_KEYS}
+    local = host_batch(local, update_lib.EVAL_KEYS, vocab_size=config.model.vocab_size)
+    return parallel.make_global_batch(local, mesh)
 
 
 class MetricsWriter:
     """Appends metrics to `metrics.jsonl` and TensorBoard event files (process 0 only)."""
 
-    def __init__(self, workdir: Path, *, tensorboard: bool, resume_iteration: int = 0):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        tensorboard: bool,
+        resume_iteration: int = 0,
+        on_event: Callable[[str], None] = lambda s: None,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
         self._tb = None
         if not self.enabled:
             return
         workdir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines a resumed run is about to write again
-            lines = self.path.read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and _iteration_of(ln) <= resume_iteration]
+        if self.path.exists():  # keep the lines up to the resumed iteration, drop damaged ones
+            keep, damaged = [], 0
+            for line in self.path.read_text(errors="replace").splitlines():
+                row = _parse_line(line)
+                if row is None:
+                    damaged += line.strip() != ""
+                elif row.get("iteration", 0) <= resume_iteration:
+                    keep.append(json.dumps(row, allow_nan=False))
+            if damaged:
+                on_event(f"warning: dropped {damaged} damaged line(s) of {self.path}")
             self.path.write_text("".join(ln + "\n" for ln in keep))
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -432,29 +381,44 @@ class MetricsWriter:
     def write(self, iteration: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        row = _json_safe({"iteration": iteration, **metrics})
         with self.path.open("a") as f:
-            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, iteration)
+
+    def last(self) -> dict[str, Any]:
+        """The last line written (after a resume that had nothing left to run)."""
+        if not (self.enabled and self.path.exists()):
+            return {}
+        rows = [r for r in map(_parse_line, self.path.read_text().splitlines()) if r]
+        return rows[-1] if rows else {}
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def _iteration_of(line: str) -> int:
+def _parse_line(line: str) -> dict | None:
     try:
-        return int(json.loads(line).get("iteration", 0))
-    except (ValueError, AttributeError):
-        return 0
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("iteration", 0), int):
+        return None
+    return row
 
 
-class _Preemption:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between updates."""
+class _Signals:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between phases and updates.
+
+    Installed before any JAX work, so a signal during start-up or compilation never interrupts
+    XLA; a second signal exits at once (the process has been asked twice).
+    """
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -466,28 +430,314 @@ class _Preemption:
         return self
 
     def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is not None:
+            os.write(2, b"critic-jax: interrupted twice; exiting without a save\n")
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        """Raises `Interrupted` if a signal came while there was nothing to save yet."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+class WorkdirLock:
+    """An exclusive lock on a workdir (`WORKDIR/.lock`, `fcntl.flock`): one live run per workdir.
+
+    The kernel drops the lock when its process dies, however it dies (SIGKILL included), so a
+    stale lock file never blocks a new run; the file only records the holder's pid for the
+    message.
+    """
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / ".lock"
+        self._file = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise TrainingError(
+                f"workdir {self.path.parent} is in use by a running training process "
+                f"(pid {holder}); wait for it or choose another --workdir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
 
 
-def _local_batch(batch: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ValueError(f"Rollout batch lacks {missing}. Received keys: {sorted(batch)}")
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
-    for k in keys:
-        x = np.asarray(batch[k])
-        out[k] = x.astype(np.int32) if k in ("tokens", "attention_mask") else x.astype(np.float32)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
+
+
+def check_resume_config(saved: dict | None, config: TrainConfig, step: int) -> None:
+    """Refuses a resume whose config differs from the checkpoint's outside `RESUMABLE_KEYS`.
+
+    Raises:
+      TrainingError: naming every changed key, with the saved and the new value.
+    """
+    if saved is None:
+        return
+    old, new = _flatten(saved), _flatten(to_dict(config))
+    changed = [
+        k
+        for k in sorted(set(old) | set(new))
+        if k.split(".")[0] not in RESUMABLE_KEYS and old.get(k) != new.get(k)
+    ]
+    if changed:
+        listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise TrainingError(
+            f"cannot resume from checkpoint step {step}: these settings differ from the run "
+            f"that saved it ({listing}); only {', '.join(RESUMABLE_KEYS)} may change on resume. "
+            "Use a new --workdir, or --checkpoint.restore false to start over in this one"
+        )
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
+    """Trains for `config.steps` iterations (or until `config.stop` says the critic settled)
+    and returns the summary (also written to `WORKDIR/summary.json`). Resumes from the
+    workdir's latest checkpoint when there is one.
+
+    Raises:
+      ValueError: on an invalid config, data or checkpoint for this run (one line each).
+      TrainingError: when the workdir is in use, a resume changes a fixed setting, or the
+        updates are (nearly) all non-finite: a run that learns nothing never ends as a success.
+      CheckpointError: when a checkpoint cannot be written or restored.
+      Interrupted: on SIGINT / SIGTERM before the first update (nothing written).
+    """
+    workdir = Path(config.workdir)
+    with _Signals() as signals, WorkdirLock(workdir):
+        parallel.initialize_distributed()
+        config = resolve_config(config)
+        mesh = parallel.make_mesh(config.mesh)
+        config.check_mesh(mesh.size, jax.process_count())
+        graphdef, params = (hooks.build_model or build_critic)(config, mesh)
+        signals.check()
+        state = init_state(config, mesh, params)
+        trainer = make_trainer(config, mesh, graphdef, state, loss_fn=hooks.loss_fn)
+        iterator = data_lib.make_rollout_iterator(
+            config.data,
+            seed=config.seed,
+            gamma=config.ppo.gamma,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        on_event = hooks.on_event or (lambda s: None)
+        ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint, on_warning=on_event)
+        try:
+            return _Loop(config, hooks, trainer, iterator, ckpt, signals).run(state)
+        finally:
+            ckpt.close()
+
+
+class _Loop:
+    """The state of one run of the host loop (see `run`)."""
+
+    def __init__(self, config, hooks, trainer, iterator, ckpt, signals):
+        self.config, self.hooks, self.trainer = config, hooks, trainer
+        self.iterator, self.ckpt, self.signals = iterator, ckpt, signals
+        self.workdir = Path(config.workdir)
+        self.on_event = hooks.on_event or (lambda s: None)
+        self.on_iteration = hooks.on_iteration or (lambda i, m, s: None)
+        self.eval_every = config.log.eval_every if hooks.eval_every is None else hooks.eval_every
+        self.evaluation = held_out(config, trainer.mesh)
+
+    def evaluate(self, params) -> dict[str, float]:
+        return _host(self.trainer.evaluate(params, self.evaluation)) if self.evaluation else {}
+
+    def next_batch(self):
+        raw = next(self.iterator)
+        if self.hooks.transform_batch is not None:
+            raw = self.hooks.transform_batch(dict(raw))
+        local = host_batch(raw, self.trainer.batch_keys, vocab_size=self.config.model.vocab_size)
+        return parallel.make_global_batch(local, self.trainer.mesh)
+
+    def restore(self, state: TrainState) -> tuple[TrainState, int]:
+        """The state to start from and its iteration: the checkpoint to resume, or fresh."""
+        config, ckpt = self.config, self.ckpt
+        restore_step = config.checkpoint.restore_step
+        if not config.checkpoint.restore or (ckpt.latest_step() is None and restore_step is None):
+            if self.hooks.initial_params is not None:
+                like = state.params
+                shardings = jax.tree.map(lambda x: x.sharding, like)
+                params = place_like(self.hooks.initial_params(like), like, shardings)
+                state = state.replace(params=params)
+            return state, 0
+        if restore_step is not None and restore_step not in ckpt.all_steps():
+            raise CheckpointError(
+                f"no checkpoint step {restore_step} in {ckpt.directory}; saved steps: "
+                f"{ckpt.all_steps() or 'none'}"
+            )
+        # Check the settings first: a changed model shape must be named as such, not reported
+        # as a damaged checkpoint by a failed restore.
+        candidate = restore_step if restore_step is not None else ckpt.latest_step()
+        check_resume_config(ckpt.saved_config(candidate), config, candidate)
+        step, state, data_state = restore_state(ckpt, state, restore_step)
+        if step != candidate:
+            check_resume_config(ckpt.saved_config(step), config, step)
+        self.iterator.set_state(data_state)
+        moved = ckpt.supersede_after(step)
+        if moved:
+            self.on_event(
+                f"resuming from step {step}: the later checkpoints {moved} of the earlier run "
+                f"were moved to {ckpt.directory}-superseded/"
+            )
+        self.on_event(f"resumed from checkpoint step {step} in {ckpt.directory}")
+        return state, int(state.iteration)
+
+    def run(self, state: TrainState) -> dict[str, Any]:
+        state, start = self.restore(state)
+        self.signals.check()
+        if start >= self.config.steps:  # a finished run: report it, rewrite nothing
+            summary_path = self.workdir / "summary.json"
+            try:
+                return json.loads(summary_path.read_text())
+            except (OSError, ValueError):
+                self.on_event(f"warning: {summary_path} is missing or damaged; nothing to run")
+            return {"steps": start, "nothing_to_run": True}
+        if self.hooks.eval_at_start and start == 0:
+            self.on_iteration(0, self.evaluate(state.params), state)
+        # A checkpoint stores the iterator's position just after the batch of the last finished
+        # update, not its current one: the loop fetches one batch ahead.
+        self.position = self.iterator.get_state()
+        batch = self.next_batch()
+        t0 = time.perf_counter()
+        compiled = self.trainer.update.lower(state, batch).compile()
+        self.compile_seconds = time.perf_counter() - t0
+        self.signals.check()
+        writer = MetricsWriter(
+            self.workdir,
+            tensorboard=self.config.log.tensorboard,
+            resume_iteration=start,
+            on_event=self.on_event,
+        )
+        try:
+            return self.iterate(state, batch, compiled, start, writer)
+        finally:
+            writer.close()
+
+    def save(self, state: TrainState, iteration: int, *, force: bool = False) -> None:
+        save_state(
+            self.ckpt,
+            iteration,
+            state,
+            data_state=self.position,
+            config=to_dict(self.config),
+            force=force,
+        )
+
+    def iterate(self, state, batch, compiled, start, writer) -> dict[str, Any]:
+        config = self.config
+        ahead = self.iterator.get_state()
+        tokens_per_batch = config.data.batch_size * batch["tokens"].shape[1]
+        last: dict[str, float] = {}
+        stop_reason, settled = None, 0
+        t_start = time.perf_counter()
+        done = start
+        for it in range(start, config.steps):
+            state, metrics = compiled(state, batch)
+            done = it + 1
+            self.position = ahead
+            if done < config.steps:  # prepare the next batch while the update runs
+                batch = self.next_batch()
+                ahead = self.iterator.get_state()
+            host = None
+            evaluating = bool(self.eval_every) and done % self.eval_every == 0
+            if done % config.log.every == 0 or done == config.steps or evaluating:
+                host = _host(metrics)
+                if evaluating:
+                    host.update(self.evaluate(state.params))
+                elapsed = time.perf_counter() - t_start
+                host["tokens_per_second"] = (done - start) * tokens_per_batch / max(elapsed, 1e-9)
+                writer.write(done, host)
+                last = host
+                _check_learning(state, done - start, config)
+                settled = settled + 1 if _settled(host, config) else 0
+                if settled >= config.stop.patience:
+                    stop_reason = (
+                        f"explained variance >= {config.stop.explained_variance} for "
+                        f"{settled} logged iterations"
+                    )
+            self.on_iteration(done, host, state)
+            if config.checkpoint.every and done % config.checkpoint.every == 0:
+                self.save(state, done)
+            if self.signals.signum is not None or stop_reason:
+                break
+        elapsed = time.perf_counter() - t_start
+        self.save(state, done, force=True)
+        self.ckpt.wait()
+        if self.signals.signum is not None and done < config.steps:
+            self.on_event(
+                f"preempted: saved checkpoint at iteration {done} in {self.ckpt.directory}"
+            )
+            return {"preempted": True, "steps": done}
+        _check_learning(state, done - start, config, final=True)
+        if stop_reason:
+            self.on_event(f"stopped at iteration {done}: {stop_reason}")
+        mesh = self.trainer.mesh
+        summary: dict[str, Any] = {
+            "steps": done,
+            "stopped_early": stop_reason,
+            "optimizer_updates": int(state.step),
+            "final_loss": last.get("loss"),
+            "explained_variance": last.get("explained_variance"),
+            "skipped_updates": int(jax.device_get(update_lib.skipped_updates(state.opt_state))),
+            "tokens_per_second": (done - start) * tokens_per_batch / max(elapsed, 1e-9),
+            "compile_seconds": self.compile_seconds,
+            "train_seconds": elapsed,
+            "devices": mesh.size,
+            "mesh": dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
+        }
+        summary.update(self.evaluate(state.params))
+        summary = _json_safe(summary)
+        if jax.process_index() == 0:
+            text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+            (self.workdir / "summary.json").write_text(text)
+        return summary
+
+
+def _settled(host: dict[str, float], config: TrainConfig) -> bool:
+    threshold = config.stop.explained_variance
+    return threshold is not None and host.get("explained_variance", -math.inf) >= threshold
+
+
+def _check_learning(state: TrainState, iterations: int, config: TrainConfig, final=False) -> None:
+    """Raises `TrainingError` when every update so far (or, at the end, most of them) was
+    non-finite and skipped: such a run has learned nothing and must not end as a success."""
+    skipped = int(jax.device_get(update_lib.skipped_updates(state.opt_state)))
+    taken = iterations * config.updates_per_step
+    if taken == 0:
+        return
+    if skipped == taken or (final and skipped > taken // 2):
+        raise TrainingError(
+            f"{skipped} of {taken} optimizer updates had a non-finite loss or gradient and were "
+            "skipped: the critic learns nothing. Check the rewards (NaN/inf at action tokens, "
+            "an overflowing KL term), the learning rate and optim.eps"
+        )
 
 
 def train(
@@ -496,149 +746,6 @@ def train(
     on_step: Callable[[int, dict[str, float] | None], None] | None = None,
     on_event: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Trains the critic for `config.steps` iterations; returns the summary (also written to
-    `WORKDIR/summary.json`). Resumes from the workdir's latest checkpoint when there is one.
-
-    Args:
-      config: the run.
-      on_step: called after every iteration with its index and, on logging iterations, the
-        metrics (a progress bar).
-      on_event: called with one-line messages (restored, preempted, ...).
-    """
-    on_step = on_step or (lambda i, m: None)
-    on_event = on_event or (lambda s: None)
-    parallel.initialize_distributed()
-    workdir = Path(config.workdir)
-    if config.init_from is not None:
-        config = with_checkpoint_model(config)
-    mesh = parallel.make_mesh(config.mesh)
-    config.check_mesh(mesh.size, jax.process_count())
-
-    graphdef, state = init_state(config, mesh)
-    setup = make_setup(config, mesh, state, graphdef)
-    iterator = data_lib.make_rollout_iterator(
-        config.data,
-        seed=config.seed,
-        gamma=config.ppo.gamma,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint)
-    start = 0
-    if config.checkpoint.restore and (
-        ckpt.latest_step() is not None or config.checkpoint.restore_step is not None
-    ):
-        step, tree, data_state = ckpt.restore(
-            abstract_like(to_checkpoint_tree(state)), config.checkpoint.restore_step
-        )
-        state = from_checkpoint_tree(tree, state)
-        iterator.set_state(data_state)
-        start = int(state.iteration)
-        on_event(f"resumed from checkpoint step {step} in {ckpt.directory}")
-    writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_iteration=start)
-    held_out = _held_out(config, mesh)
-
-    # A checkpoint stores the iterator's position just after the batch of the last finished
-    # update (`position`), not its current one: the loop fetches one batch ahead (`ahead`).
-    position = iterator.get_state()
-
-    def save(it: int, force: bool = False):
-        ckpt.save(
-            it, to_checkpoint_tree(state), data_state=position, config=to_dict(config), force=force
-        )
-
-    batch = parallel.make_global_batch(_local_batch(next(iterator), setup.batch_keys), mesh)
-    ahead = iterator.get_state()
-    t0 = time.perf_counter()
-    compiled = setup.update.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - t0
-
-    tokens_per_batch = config.data.batch_size * batch["tokens"].shape[1]
-    last: dict[str, float] = {}
-    preempted = False
-    t_start = time.perf_counter()
-    done = start
-    with _Preemption() as preemption:
-        for it in range(start, config.steps):
-            state, metrics = compiled(state, batch)
-            done = it + 1
-            position = ahead
-            if done < config.steps:  # prepare the next batch while the update runs
-                batch = parallel.make_global_batch(
-                    _local_batch(next(iterator), setup.batch_keys), mesh
-                )
-                ahead = iterator.get_state()
-            host = None
-            if done % config.log.every == 0 or done == config.steps:
-                host = _host(metrics)
-                if config.log.eval_every and done % config.log.eval_every == 0 and held_out:
-                    host.update(_host(setup.evaluate(state.params, held_out)))
-                elapsed = time.perf_counter() - t_start
-                host["tokens_per_second"] = (done - start) * tokens_per_batch / max(elapsed, 1e-9)
-                writer.write(done, host)
-                last = host
-            on_step(done, host)
-            if config.checkpoint.every and done % config.checkpoint.every == 0:
-                save(done)
-            if preemption.requested:
-                preempted = done < config.steps
-                break
-    elapsed = time.perf_counter() - t_start
-    save(done, force=True)
-    ckpt.wait()
-    if preempted:
-        ckpt.close()
-        writer.close()
-        on_event(f"preempted: saved checkpoint at iteration {done} in {ckpt.directory}")
-        return {"preempted": True, "steps": done}
-
-    if not last and writer.enabled and writer.path.exists():  # nothing left to run after resume
-        lines = writer.path.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-    summary: dict[str, Any] = {
-        "steps": done,
-        "optimizer_updates": int(state.step),
-        "final_loss": last.get("loss", float("nan")),
-        "explained_variance": last.get("explained_variance", float("nan")),
-        "skipped_updates": int(jax.device_get(state.opt_state.total_notfinite)),
-        "tokens_per_second": (done - start) * tokens_per_batch / max(elapsed, 1e-9),
-        "compile_seconds": compile_seconds,
-        "train_seconds": elapsed,
-        "devices": mesh.size,
-        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
-    }
-    if held_out:
-        summary.update(_host(setup.evaluate(state.params, held_out)))
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    writer.close()
-    ckpt.close()
-    return summary
-
-
-def _held_out(config: TrainConfig, mesh) -> dict[str, jax.Array] | None:
-    """This process's slice of the held-out batch with true values (synthetic data only)."""
-    if config.data.path is not None:
-        return None
-    dp = parallel.batch_parallel_size(mesh)
-    rows = max(dp, config.log.eval_rows - config.log.eval_rows % dp)
-    full = data_lib.held_out_batch(config.data, seed=config.seed, gamma=config.ppo.gamma, n=rows)
-    per = rows // jax.process_count()
-    lo = jax.process_index() * per
-    local = {
-        k: np.asarray(full[k][lo : lo + per])
-        for k in ("tokens", "attention_mask", "mask", "true_values")
-    }
-    local["tokens"] = local["tokens"].astype(np.int32)
-    local["attention_mask"] = local["attention_mask"].astype(np.int32)
-    local["mask"] = local["mask"].astype(np.float32)
-    local["true_values"] = local["true_values"].astype(np.float32)
-    return parallel.make_global_batch(local, mesh)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from critic_jax.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+    """`run` with a progress callback `on_step(iteration, metrics or None)` (a progress bar)."""
+    on_iteration = None if on_step is None else (lambda i, m, s: on_step(i, m))
+    return run(config, Hooks(on_iteration=on_iteration, on_event=on_event))

@@ -36,7 +36,8 @@ def _start(config_file: Path, workdir: Path, env: dict) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "critic_jax.train",
+            "critic_jax",
+            "train",
             "--config",
             str(config_file),
             "--workdir",
