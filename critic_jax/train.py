@@ -100,29 +100,42 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, model=model)
 
 
-def _abstract_critic(config: TrainConfig, mesh: jax.sharding.Mesh, seed: int):
+def _abstract_model(config: TrainConfig, mesh: jax.sharding.Mesh, seed: int, make_module):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        abstract = nnx.eval_shape(lambda: Critic(config.model, rngs=nnx.Rngs(seed)))
+        abstract = nnx.eval_shape(lambda: make_module(config.model, rngs=nnx.Rngs(seed)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"The critic has non-parameter state, unsupported. Received: {rest}")
     return graphdef, abs_params, parallel.state_shardings(abs_params, mesh)
 
 
-def build_critic(config: TrainConfig, mesh: jax.sharding.Mesh, *, seed: int | None = None):
-    """The critic's parameters created directly in their sharded layout: random, or loaded from
+def build_critic(
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    seed: int | None = None,
+    make_module: Callable[..., nnx.Module] = Critic,
+):
+    """The model's parameters created directly in their sharded layout: random, or loaded from
     `config.init_from` (after `resolve_config`).
+
+    Args:
+      config: the run; `config.model` shapes the model.
+      mesh: where the parameters are placed.
+      seed: initialisation seed (default `config.seed`).
+      make_module: `(model_config, *, rngs) -> nnx.Module`, e.g. `ActorCritic` for a shared
+        trunk (random initialisation only).
 
     Returns:
       (graphdef, params) with every parameter placed by `parallel.LOGICAL_AXIS_RULES`.
     """
     seed = config.seed if seed is None else seed
-    graphdef, abs_params, shardings = _abstract_critic(config, mesh, seed)
+    graphdef, abs_params, shardings = _abstract_model(config, mesh, seed, make_module)
     if config.init_from is None:
 
         def make_params():
             with nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-                return nnx.state(Critic(config.model, rngs=nnx.Rngs(seed)), nnx.Param)
+                return nnx.state(make_module(config.model, rngs=nnx.Rngs(seed)), nnx.Param)
 
         with jax.set_mesh(mesh):
             return graphdef, jax.jit(make_params, out_shardings=shardings)()
@@ -191,7 +204,7 @@ def init_state(config: TrainConfig, mesh: jax.sharding.Mesh, params: Any) -> Tra
 def abstract_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, TrainState]:
     """(graphdef, the `TrainState` as `jax.ShapeDtypeStruct`s with shardings): nothing is
     allocated, so a run of any size can be lowered and compiled ahead of time (`plan`)."""
-    graphdef, abs_params, shardings = _abstract_critic(config, mesh, config.seed)
+    graphdef, abs_params, shardings = _abstract_model(config, mesh, config.seed, Critic)
     params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, shardings
     )
