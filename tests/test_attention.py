@@ -317,7 +317,9 @@ _SPLASH_COMPILE = textwrap.dedent(
 def test_splash_compiles_for_tpu():
     pytest.importorskip("libtpu")
     # A subprocess: the compile-only TPU client must not touch this process's JAX backends.
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: without it libtpu takes /tmp/libtpu_lockfile and any other
+    # process loading libtpu at the same time (a parallel test, `critic-jax plan`) aborts.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     proc = subprocess.run(
         [sys.executable, "-c", _SPLASH_COMPILE],
         env=env,
