@@ -346,13 +346,13 @@ def test_remat_model_under_lax_map():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("block", [2, 5])
-def test_block_causal_attention_equals_full_attention(critic, block):
-    """Query blocks that skip the causal upper triangle give the full T x T attention's values
-    and gradients, with left padding, right padding and holes in the attention mask."""
+@pytest.mark.parametrize("block, attention", [(2, "xla"), (5, "auto"), (4, "xla-flash")])
+def test_block_causal_attention_equals_full_attention(critic, block, attention):
+    """Query blocks that skip the causal upper triangle, and the flash path, give the full T x T
+    attention's values and gradients, with left padding, right padding and holes in the mask."""
     graphdef, params = nnx.split(critic, nnx.Param)
     assert CONFIG.attention_block_size >= T  # the fixture computes all T x T scores
-    blocked = dataclasses.replace(CONFIG, attention_block_size=block)
+    blocked = dataclasses.replace(CONFIG, attention_block_size=block, attention=attention)
     blocked_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Critic(blocked, rngs=nnx.Rngs(0))))
     tokens = _tokens(9)
     attention_mask = np.ones((B, T), np.int32)

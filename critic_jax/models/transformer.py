@@ -32,12 +32,12 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.ad_checkpoint import checkpoint_name
 
+from critic_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_SCALINGS = ("none", "linear", "llama3")
 VALUE_HEAD_INITS = ("zeros", "normal")
 VALUE_HEADS = ("scalar", "hl-gauss")
-# The names of critic_jax.models.attention.ATTENTION_IMPLEMENTATIONS.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla-flash", "cudnn", "splash")
 # What the backward pass keeps of each block (everything else is recomputed from the block's
 # input, which the layer scan keeps anyway). None: no `jax.checkpoint` at all.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
@@ -177,12 +177,12 @@ class ModelConfig:
         block's input; the rest is recomputed), "dots" (the outputs of the weight matmuls:
         projections and MLP; attention and elementwise ops are recomputed), "attention-out" (the
         attention output before its projection). True and False are read as "full" and "none".
-      attention: attention implementation, one of `ATTENTION_IMPLEMENTATIONS`; "auto" picks the
-        fused kernel of the backend (cuDNN on GPU, splash on TPU) and an XLA path on CPU.
-      attention_block_size: the XLA path processes queries in blocks of this many positions,
-        each block against the keys up to its own end only, so the causal upper triangle is never
-        computed and the scores stay cache-sized. 0, or a sequence not longer than one block or
-        not a multiple of it, computes all T x T scores. The result is the same either way.
+      attention: attention implementation, one of `ATTENTION_IMPLEMENTATIONS` (see
+        `critic_jax.models.attention`); "auto" picks the fused kernel of the backend (cuDNN on
+        GPU, splash on TPU) and an XLA path on CPU.
+      attention_block_size: block length of the "xla", "xla-flash" and "splash" attention
+        paths (see `critic_jax.models.attention`); 0 means one block of T. The result is the
+        same either way.
       value_head: "scalar" (Linear(d_model -> 1)) or "hl-gauss" (Linear(d_model -> value_bins)
         logits over a fixed support; the value is their softmax's expectation).
       value_bins: number of bins of "hl-gauss" (>= 2).
@@ -503,111 +503,6 @@ def _rotate(x_bthk: jax.Array, cos_btk: jax.Array, sin_btk: jax.Array) -> jax.Ar
     return out.astype(x_bthk.dtype)
 
 
-def _attend(
-    q_bgrth: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, valid_bts: jax.Array
-) -> jax.Array:
-    """Softmax attention of pre-scaled queries [B, K, R, Tq, H] over keys/values [B, K, S, H].
-
-    `valid_bts` [B, Tq, S] says which keys each query may read. The probabilities are left
-    unnormalised (exp(s - max)) through the value product and the [.., Tq, H] output is divided
-    by their sum afterwards, which touches Tq x H numbers instead of Tq x S. The scores, max and
-    sum are float32; the two products run in the inputs' dtype.
-    """
-    b, g, r, tq, h = q_bgrth.shape
-    scores_bgqs = jnp.einsum(
-        "bgqh,bgsh->bgqs",
-        q_bgrth.reshape(b, g, r * tq, h),
-        k_bgsh,
-        preferred_element_type=jnp.float32,
-    )
-    scores_bgrts = scores_bgqs.reshape(b, g, r, tq, -1)
-    # A finite fill keeps rows with no valid key (padding queries) NaN-free.
-    scores_bgrts = jnp.where(valid_bts[:, None, None], scores_bgrts, -1e30)
-    # Shifting by the row max changes nothing mathematically, so it carries no gradient.
-    shift_bgrt1 = jax.lax.stop_gradient(jnp.max(scores_bgrts, axis=-1, keepdims=True))
-    weights_bgrts = jnp.exp(scores_bgrts - shift_bgrt1)
-    total_bgrt1 = jnp.sum(weights_bgrts, axis=-1, keepdims=True)
-    out_bgqh = jnp.einsum(
-        "bgqs,bgsh->bgqh",
-        weights_bgrts.astype(v_bgsh.dtype).reshape(b, g, r * tq, -1),
-        v_bgsh,
-        preferred_element_type=jnp.float32,
-    )
-    out_bgrth = out_bgqh.reshape(b, g, r, tq, h) / total_bgrt1
-    return out_bgrth.astype(v_bgsh.dtype)
-
-
-def block_causal_attention(
-    q_btnh: jax.Array,
-    k_bsgh: jax.Array,
-    v_bsgh: jax.Array,
-    segment_ids_bt: jax.Array,
-    *,
-    block_size: int = 128,
-) -> jax.Array:
-    """Causal grouped-query attention within segments, in XLA, query block by query block.
-
-    Token t reads key s iff s <= t and seg[s] == seg[t] != 0 (a padding query reads an average of
-    all keys: finite, meaningless). Query block [lo, hi) is computed against keys [0, hi) only.
-
-    Args:
-      q_btnh: [B, T, N, H] queries, rotary applied, not pre-scaled.
-      k_bsgh, v_bsgh: [B, T, G, H] keys and values (G divides N).
-      segment_ids_bt: int [B, T], 0 on padding.
-      block_size: query block length; 0 (or T not a multiple above one block) computes T x T.
-
-    Returns:
-      [B, T, N, H] in q's dtype.
-    """
-    b, t, n, h = q_btnh.shape
-    g = k_bsgh.shape[2]
-    # Query head n reads kv head n // (N / G). Heads lead and each group's queries are stacked
-    # along one axis (q = r*T + t), so both products are plain batched matmuls over (b, g): on
-    # CPU this layout runs ~1.5-1.8x faster than 5-D einsums over (t, g, r).
-    q_bgrth = q_btnh.reshape(b, t, g, n // g, h).transpose(0, 2, 3, 1, 4)
-    q_bgrth = q_bgrth * np.asarray(1.0 / math.sqrt(h), q_btnh.dtype)
-    k_bgsh = k_bsgh.transpose(0, 2, 1, 3)
-    v_bgsh = v_bsgh.transpose(0, 2, 1, 3)
-    seg_bt = segment_ids_bt
-
-    def valid(lo: int, hi: int) -> jax.Array:
-        causal_ts = np.arange(lo, hi)[:, None] >= np.arange(hi)[None, :]
-        q_seg_bt1 = seg_bt[:, lo:hi, None]
-        return causal_ts[None] & (q_seg_bt1 == seg_bt[:, None, :hi]) & (q_seg_bt1 != 0)
-
-    if block_size and t > block_size and t % block_size == 0:
-        # Query block [lo, hi) sees keys [0, hi) only: the rest is masked by causality.
-        out_bgrth = jnp.concatenate(
-            [
-                _attend(
-                    q_bgrth[:, :, :, lo : lo + block_size],
-                    k_bgsh[:, :, : lo + block_size],
-                    v_bgsh[:, :, : lo + block_size],
-                    valid(lo, lo + block_size),
-                )
-                for lo in range(0, t, block_size)
-            ],
-            axis=3,
-        )
-    else:
-        out_bgrth = _attend(q_bgrth, k_bgsh, v_bgsh, valid(0, t))
-    return out_bgrth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
-
-
-def _dot_product_attention(
-    q_btnh: jax.Array,
-    k_bsgh: jax.Array,
-    v_bsgh: jax.Array,
-    segment_ids_bt: jax.Array,
-    *,
-    implementation: str,
-    block_size: int,
-) -> jax.Array:
-    """The attention kernel `Attention` calls: `attention.dot_product_attention`'s contract."""
-    del implementation  # Until models/attention.py lands, every choice runs the XLA path.
-    return block_causal_attention(q_btnh, k_bsgh, v_bsgh, segment_ids_bt, block_size=block_size)
-
-
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x²) + eps) · scale, normalised in float32, returned in `out_dtype`
     (default: the input's dtype)."""
@@ -676,7 +571,7 @@ class Attention(nnx.Module):
             v_bsgh = v_bsgh + self.v_bias[...].astype(dt)
         q_btnh = _rotate(q_btnh, cos_btk, sin_btk)
         k_bsgh = _rotate(k_bsgh, cos_btk, sin_btk)
-        out_btnh = _dot_product_attention(
+        out_btnh = dot_product_attention(
             q_btnh,
             k_bsgh,
             v_bsgh,
