@@ -361,3 +361,162 @@ def test_export_rejects_llama_with_qkv_bias(tmp_path):
         critic_to_hf(critic, tmp_path, architecture="LlamaForTokenClassification")
     with pytest.raises(ValueError, match="Received: 'LlamaForCausalLM'"):
         critic_to_hf(critic, tmp_path, architecture="LlamaForCausalLM")
+
+
+def test_int8_weights_are_refused(exported):
+    _edit_tensors(exported, lambda t: t.update({"model.norm.weight": np.ones(32, np.int8)}))
+    with pytest.raises(ValueError, match=r"Tensor 'model\.norm\.weight' in .* has dtype I8"):
+        critic_from_hf(exported)
+
+
+def test_non_finite_weights_are_refused(exported):
+    def poison(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"][3, 2] = np.nan
+
+    _edit_tensors(exported, poison)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' .* NaN or inf"):
+        critic_from_hf(exported)
+
+
+@pytest.mark.parametrize("keep", [0, 5, -100])
+def test_empty_or_truncated_file(exported, keep):
+    file = exported / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        critic_from_hf(exported)
+
+
+def test_incomplete_config_names_the_key_and_file(exported):
+    config = json.loads((exported / "config.json").read_text())
+    del config["intermediate_size"]
+    (exported / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json has no 'intermediate_size'"):
+        critic_from_hf(exported)
+    (exported / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"Cannot read .*config\.json"):
+        critic_from_hf(exported)
+
+
+def test_model_config_from_hf_takes_a_dict_file_or_directory(exported):
+    config = ModelConfig.from_hf(exported, dtype="bfloat16")
+    assert config == ModelConfig.from_hf(exported / "config.json", dtype="bfloat16")
+    hf = json.loads((exported / "config.json").read_text())
+    assert config == config_from_hf(hf, dtype="bfloat16")
+    assert (config.d_model, config.num_layers, config.dtype) == (32, 1, "bfloat16")
+
+
+# The published config.json of two presets (the keys that set the shape).
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "vocab_size": 128256,
+}
+
+
+@pytest.mark.parametrize("name, hf", [("qwen2.5-0.5b", QWEN25_05B), ("llama3.2-1b", LLAMA32_1B)])
+def test_presets_match_the_published_configs(name, hf):
+    want = dataclasses.replace(config_from_hf(hf), init_std=0.02)
+    got = ModelConfig.from_preset(name)
+    assert dataclasses.replace(got, preset=None) == want
+
+
+# ----------------------------------------------------------------------------- HL-Gauss
+
+
+HL_CONFIG = ModelConfig.tiny(
+    vocab_size=VOCAB,
+    d_model=32,
+    qkv_bias=True,
+    value_head="hl-gauss",
+    value_bins=5,
+    value_min=-2.0,
+    value_max=6.0,
+    value_head_init="normal",
+)
+
+
+def test_hl_gauss_export_import_round_trip(tmp_path):
+    critic = _build(HL_CONFIG)
+    critic_to_hf(critic, tmp_path / "a")
+    hf_config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert len(hf_config["id2label"]) == 5
+    np.testing.assert_allclose(hf_config["critic_jax"]["value_support"], [-2, 0, 2, 4, 6])
+    again = critic_from_hf(tmp_path / "a")
+    assert again.config == dataclasses.replace(HL_CONFIG, value_head_init="zeros")
+    chex.assert_trees_all_equal(nnx.state(again, nnx.Param), nnx.state(critic, nnx.Param))
+    np.testing.assert_allclose(again.support, critic.support)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "a").eval()
+    tokens = _tokens(6)
+    logits = _np(_torch_run(hf, tokens).logits)
+    assert logits.shape == (B, T, 5)
+    ours, _ = nnx.jit(lambda m, x: m.logits_and_values(x))(again, tokens)
+    np.testing.assert_allclose(ours[:, 1:], logits[:, :-1], atol=1e-4, rtol=1e-4)
+
+
+def test_hl_gauss_needs_matching_labels(tmp_path):
+    critic_to_hf(_build(HL_CONFIG), tmp_path / "a")
+    _edit_config(tmp_path / "a", id2label={"0": "a"})
+    with pytest.raises(ValueError, match="num_labels=5. Received: num_labels=1"):
+        critic_from_hf(tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- sharded load
+
+
+def test_sharded_load_reads_each_device_slice(tmp_path):
+    """Loading onto an 8-device mesh (fsdp=4 x tensor=2) gives the single-device parameters,
+    each device holding only its shard."""
+    from critic_jax import parallel  # the trainer's layer; models/ never imports it
+
+    config = ModelConfig.tiny(vocab_size=VOCAB, qkv_bias=True, num_layers=3, d_model=32)
+    critic_to_hf(_build(config, seed=2), tmp_path / "a")
+    want = nnx.state(critic_from_hf(tmp_path / "a"), nnx.Param)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=2))
+    got = critic_from_hf(
+        tmp_path / "a", shardings=lambda params: parallel.state_shardings(params, mesh)
+    )
+    params = nnx.state(got, nnx.Param)
+    chex.assert_trees_all_equal(jax.device_get(params), jax.device_get(want))
+    q = params["backbone"]["layers"]["attn"]["q"][...]
+    assert q.addressable_shards[0].data.shape == (3, 32 // 4, 4 // 2, 16)
+    assert len(q.sharding.device_set) == 8
+    embed = params["backbone"]["embed"][...]
+    assert embed.addressable_shards[0].data.shape == (VOCAB // 2, 32 // 4)
+    # A pytree of shardings works as well as a function returning one.
+    shardings = parallel.state_shardings(nnx.state(got, nnx.Param), mesh)
+    again = critic_from_hf(tmp_path / "a", shardings=shardings)
+    chex.assert_trees_all_equal(jax.device_get(nnx.state(again, nnx.Param)), jax.device_get(want))
