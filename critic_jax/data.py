@@ -42,8 +42,13 @@ class DataConfig:
       mrp: the synthetic MRP (used when path is None).
       batch_size: rows per rollout batch, over all processes.
       shuffle: shuffle Parquet rows (with a new order each epoch).
-      max_len: width T of Parquet batches; None: the longest row.
-      vocab_size: if set, Parquet token ids must be below it.
+      max_len: width T of Parquet batches (the packed row length when packing); None: the
+        longest rollout. A rollout longer than this is an error naming its file and row.
+      packing: pack several rollouts into each row of `max_len` tokens (grain's first-fit
+        packing; rows carry `segment_ids`, 0 on padding), so no compute is spent on padding.
+        None: on for Parquet rollouts, off for the synthetic MRP (whose rows are 32 tokens).
+      vocab_size: if set, Parquet token ids must be below it (the model's vocabulary is
+        always checked as well).
       kl_coef: weight of the KL penalty subtracted from Parquet rewards (needs the `logprobs`
         and `ref_logprobs` columns). The synthetic MRP's rewards carry none, so that its true
         values stay exact.
@@ -56,10 +61,16 @@ class DataConfig:
     batch_size: int = 64
     shuffle: bool = True
     max_len: int | None = None
+    packing: bool | None = None
     vocab_size: int | None = None
     kl_coef: float = 0.0
     kl_kind: str = "k1"
     kl_clamp: float | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Whether batches are packed (`packing`, with its default resolved)."""
+        return self.path is not None if self.packing is None else self.packing
 
     def __post_init__(self):
         def check(ok: bool, what: str, received: str):
@@ -88,6 +99,11 @@ class DataConfig:
             self.kl_clamp is None or self.kl_clamp > 0,
             "kl_clamp must be None or > 0",
             f"kl_clamp={self.kl_clamp}",
+        )
+        check(
+            not (self.packing and self.path is None),
+            "packing applies to Parquet rollouts (path); the synthetic MRP's rows are padded",
+            f"path=None, packing={self.packing}",
         )
         check(
             self.path is not None or self.kl_coef == 0,
@@ -166,16 +182,19 @@ class _ParquetIterator(RolloutIterator):
     """A grain pipeline over the rows of validated Parquet rollouts.
 
     `MapDataset.range(N)` -> seeded `shuffle` (a new order each epoch) -> infinite `repeat` ->
-    `batch(batch_size)` of global row indices -> this process's slice of the indices -> gather the
-    rows. Batches run across epoch boundaries, so none is short. The state is grain's own
-    iterator state (a small JSON dict) plus the row count, checked on restore.
+    padded: `batch(batch_size)` of global row indices -> this process's slice -> gather the rows;
+    packed: each rollout without its padding -> `FirstFitPackIterDataset` into rows of `max_len`
+    tokens with segment ids -> `batch(batch_size)` -> this process's slice. Every process runs
+    the same (cheap, index-level) pipeline, so the processes' slices form one global batch.
+    Batches run across epoch boundaries, so none is short. The state is grain's own iterator
+    state (a small JSON dict) plus the row count, checked on restore.
     """
 
-    def __init__(self, config: DataConfig, *, seed: int, rows: slice):
+    def __init__(self, config: DataConfig, *, seed: int, rows: slice, vocab_size: int | None):
         assert config.path is not None
         arrays = read_rollouts(
             config.path,
-            vocab_size=config.vocab_size,
+            vocab_size=vocab_size,
             kl_coef=config.kl_coef,
             kl_kind=config.kl_kind,
             kl_clamp=config.kl_clamp,
@@ -186,13 +205,25 @@ class _ParquetIterator(RolloutIterator):
         dataset = grain.MapDataset.range(self._num_rows)
         if config.shuffle:
             dataset = dataset.shuffle(seed=_grain_seed(seed))
-        dataset = dataset.repeat(None).batch(config.batch_size)
-        dataset = dataset.map(lambda index: {k: v[index[rows]] for k, v in self._arrays.items()})
-        # No read-ahead: gathering a batch is cheap, and the state then never runs ahead.
-        self._dataset = dataset.to_iter_dataset(
-            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-        )
+        dataset = dataset.repeat(None)
+        if config.packed:
+            width = arrays["tokens"].shape[1]
+            dataset = _packed(dataset.map(self._rollout), self._arrays, width, config.batch_size)
+        else:
+            dataset = dataset.batch(config.batch_size).map(
+                lambda index: {k: v[index] for k, v in self._arrays.items()}
+            )
+            dataset = dataset.to_iter_dataset(
+                # No read-ahead: gathering a batch is cheap, and the state never runs ahead.
+                grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+            )
+        self._dataset = dataset.map(lambda batch: {k: v[rows] for k, v in batch.items()})
         self._iterator = iter(self._dataset)
+
+    def _rollout(self, index: int) -> dict[str, np.ndarray]:
+        """Rollout `index` without its padding (its real tokens, in order)."""
+        real = self._arrays["attention_mask"][index] != 0
+        return {k: v[index][real] for k, v in self._arrays.items() if k != "attention_mask"}
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iterator)
@@ -211,6 +242,27 @@ class _ParquetIterator(RolloutIterator):
         self._iterator.set_state(dict(state["grain"]))
 
 
+def _packed(rollouts: grain.MapDataset, arrays, width: int, batch_size: int) -> grain.IterDataset:
+    """Rollouts packed first-fit into rows of `width` tokens, batched `batch_size` rows at a time:
+    dicts of [batch_size, width] arrays with `segment_ids` (1..k per row, 0 on padding) and an
+    `attention_mask` that is 1 on every packed token."""
+    keys = [k for k in arrays if k != "attention_mask"]
+    packed = grain.experimental.FirstFitPackIterDataset(
+        rollouts.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+        length_struct={k: width for k in keys},
+        num_packing_bins=batch_size,
+        shuffle_bins=False,
+    )
+
+    def finish(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: row[k] for k in keys}
+        out["segment_ids"] = row["tokens_segment_ids"].astype(np.int32)
+        out["attention_mask"] = (out["segment_ids"] != 0).astype(np.int32)
+        return out
+
+    return packed.map(finish).batch(batch_size)
+
+
 def _grain_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, _TRAIN_STREAM]).generate_state(1)[0])
 
@@ -222,6 +274,7 @@ def make_rollout_iterator(
     gamma: float,
     process_index: int = 0,
     process_count: int = 1,
+    vocab_size: int | None = None,
 ) -> RolloutIterator:
     """The infinite, checkpointable iterator of rollout batches that the trainer reads.
 
@@ -235,6 +288,8 @@ def make_rollout_iterator(
       gamma: discount in [0, 1] of the synthetic true values.
       process_index: this process, in [0, process_count).
       process_count: processes sharing each global batch.
+      vocab_size: the model's vocabulary; Parquet token ids must be below it (and below
+        `config.vocab_size` when that is set).
 
     Returns:
       A `RolloutIterator`: dicts of [batch_size // process_count, T] arrays (see there).
@@ -260,7 +315,8 @@ def make_rollout_iterator(
     rows = slice(process_index * per, (process_index + 1) * per)
     if config.path is None:
         return _MRPIterator(config, seed=seed, gamma=gamma, rows=rows)
-    return _ParquetIterator(config, seed=seed, rows=rows)
+    limits = [v for v in (vocab_size, config.vocab_size) if v is not None]
+    return _ParquetIterator(config, seed=seed, rows=rows, vocab_size=min(limits, default=None))
 
 
 def held_out_batch(config: DataConfig, *, seed: int, gamma: float, n: int) -> dict[str, np.ndarray]:

@@ -227,6 +227,8 @@ def _read_file(
             fail(r, name, f"has {n[r]} entries but 'tokens' has {lengths[r]} (ragged row).")
         flat[name] = values.to_numpy(zero_copy_only=False)
     assert lengths is not None
+    if (empty := np.flatnonzero(lengths == 0)).size:
+        fail(int(empty[0]), "tokens", "is an empty list (a rollout needs at least one token).")
     starts = np.concatenate([[0], np.cumsum(lengths)])
 
     def fail_at(column: str, bad: np.ndarray, what: str):
@@ -238,9 +240,15 @@ def _read_file(
     low = tokens < 0
     if low.any():
         fail_at("tokens", low, f"token id {tokens[low][0]} is negative.")
-    limit = np.iinfo(np.int32).max + 1 if vocab_size is None else vocab_size
-    if (high := tokens >= limit).any():
-        fail_at("tokens", high, f"token id {tokens[high][0]} >= vocab_size {limit}.")
+    if vocab_size is None:
+        if (high := tokens > np.iinfo(np.int32).max).any():
+            fail_at("tokens", high, f"token id {tokens[high][0]} does not fit int32.")
+    elif (high := tokens >= vocab_size).any():
+        fail_at(
+            "tokens",
+            high,
+            f"token id {tokens[high][0]} is outside the model's vocabulary [0, {vocab_size}).",
+        )
     attention = flat["attention_mask"].astype(np.int64)
     if (bad := (attention != 0) & (attention != 1)).any():
         fail_at("attention_mask", bad, f"value {attention[bad][0]} is not 0 or 1.")
@@ -312,7 +320,8 @@ def read_rollouts(
       ref_logprobs, true_values float32 [N, T] when every file has them.
 
     Raises:
-      RolloutError (a ValueError): on any invalid file, row or column, or no rows at all.
+      RolloutError (a ValueError): on any invalid file, row or column (an empty row, a token
+        outside the vocabulary, a shaped reward that overflows), no rows or no action at all.
     """
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}. Received: {kl_kind!r}")
@@ -339,7 +348,7 @@ def read_rollouts(
     shared = [k for k in optional if all(k in p[2] for p in parts)]
 
     out: dict[str, list[np.ndarray]] = {}
-    for _, lengths, flat, sequence_reward in parts:
+    for file, lengths, flat, sequence_reward in parts:
         rows = len(lengths)
         starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
         row_of = np.repeat(np.arange(rows), lengths)
@@ -363,10 +372,23 @@ def read_rollouts(
                 rewards = rewards - np.float32(kl_coef) * np.asarray(kl)
         else:
             rewards = token_rewards(sequence_reward, mask, kl=kl, kl_coef=kl_coef)
-        arrays["rewards"] = np.where(mask != 0, np.asarray(rewards), 0).astype(np.float32)
+        rewards = np.asarray(rewards, np.float32)
+        if (bad := (mask != 0) & ~np.isfinite(rewards)).any():
+            r, t = (int(i[0]) for i in np.nonzero(bad))
+            raise RolloutError(
+                f"{file}: row {r}, column 'rewards': position {t}: the shaped reward is "
+                f"{rewards[r, t]} (kl_kind={kl_kind}, kl_coef={kl_coef}); the KL estimate "
+                "overflows: set data.kl_clamp or use kl_kind k1."
+            )
+        arrays["rewards"] = np.where(mask != 0, rewards, 0).astype(np.float32)
         for k, v in arrays.items():
             out.setdefault(k, []).append(v)
     result = {k: np.concatenate(v, axis=0) for k, v in out.items()}
     if result["tokens"].shape[0] == 0:
         raise RolloutError(f"No rows in {files}.")
+    if not (result["mask"] != 0).any():
+        raise RolloutError(
+            f"No action token in {files}: column 'mask' is 0 everywhere, so there is nothing "
+            "to train on."
+        )
     return result

@@ -247,7 +247,7 @@ def batch_keys(config: TrainConfig) -> tuple[str, ...]:
     keys = update_lib.BATCH_KEYS
     if config.ppo.use_rollout_old_values:
         keys += ("old_values",)
-    if getattr(config.data, "packing", False):
+    if config.data.packed:
         keys += ("segment_ids",)
     return keys
 
@@ -558,6 +558,7 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
             gamma=config.ppo.gamma,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            vocab_size=config.model.vocab_size,
         )
         on_event = hooks.on_event or (lambda s: None)
         ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint, on_warning=on_event)

@@ -215,3 +215,48 @@ def test_eval_fn_matches_numpy():
     want_ev = 1 - np.var(err) / np.var(true)
     np.testing.assert_allclose(got["explained_variance_vs_true"], want_ev, rtol=1e-3, atol=1e-4)
     assert jnp.isfinite(got["value_rmse"])
+
+
+def _pack(batch: dict[str, np.ndarray], rows: int, width: int) -> dict[str, np.ndarray]:
+    """The real tokens of each row of `batch`, packed in order into `rows` rows of `width`."""
+    out = {k: np.zeros((rows, width), v.dtype) for k, v in batch.items()}
+    out["segment_ids"] = np.zeros((rows, width), np.int32)
+    r, col, seg = 0, 0, 0
+    for i in range(batch["tokens"].shape[0]):
+        real = np.flatnonzero(batch["attention_mask"][i])
+        if col + real.size > width:
+            r, col, seg = r + 1, 0, 0
+        seg += 1
+        for k, v in batch.items():
+            out[k][r, col : col + real.size] = v[i, real]
+        out["segment_ids"][r, col : col + real.size] = seg
+        col += real.size
+    out["attention_mask"] = (out["segment_ids"] != 0).astype(np.int32)
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("shape", [dict(data=1, num_devices=1), dict(data=2, fsdp=2, tensor=2)])
+def test_packed_rows_give_the_unpacked_update(reduction, shape):
+    batch = _batch(4)
+    batch["rewards"] = np.where(batch["mask"] > 0, batch["rewards"], 0.0).astype(np.float32)
+    packed = _pack(batch, ROWS // 2, 2 * LENGTH)
+    assert packed["attention_mask"].sum() == batch["attention_mask"].sum()
+    mesh = parallel.make_mesh(parallel.MeshConfig(**shape))
+    results = []
+    for b, packing in ((batch, False), (packed, True)):
+        cfg = _config(reduction=reduction, minibatch_size=b["tokens"].shape[0])
+        cfg = dataclasses.replace(
+            cfg,
+            mesh=parallel.MeshConfig(**shape),
+            data=dataclasses.replace(cfg.data, batch_size=b["tokens"].shape[0]),
+        )
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="x", packing=packing))
+        _, setup, state = _trainer(cfg, mesh)
+        local = {k: b[k] for k in setup.batch_keys}
+        state, metrics = setup.update(state, parallel.make_global_batch(local, mesh))
+        results.append((jax.device_get(metrics), jax.device_get(state.params)))
+    (m_pad, p_pad), (m_pack, p_pack) = results
+    for key in ("loss", "grad_norm", "explained_variance", "returns_mean", "valid_tokens"):
+        np.testing.assert_allclose(m_pack[key], m_pad[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    chex.assert_trees_all_close(p_pack, p_pad, rtol=1e-5, atol=1e-6)
