@@ -1,30 +1,29 @@
-"""Shared helpers of the experiment scripts: a training loop with hooks, CSV and plot output.
+"""Shared helpers of the experiment scripts: CSV and plot output, and `run_critic`, a thin call of
+the trainer's one loop (`critic_jax.train.run`) with the hooks the experiments need.
 
-The loop is the trainer's own pieces (`init_state`, `make_setup`, the rollout iterator and the
-held-out evaluation) driven from Python, so an experiment can start from given parameters, perturb
-the rewards of each rollout batch, evaluate against V* after every iteration and keep snapshots of
-the parameters. Nothing here is library code; the update itself is `critic_jax.train`'s.
+`run_critic` starts from given parameters, perturbs the rewards of each rollout batch, evaluates
+against V* after every iteration and keeps snapshots of the parameters, all through
+`train.Hooks`; the loop and the update are the library's. Nothing here is library code.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from critic_jax import data as data_lib
-from critic_jax import parallel
+from critic_jax import train
 from critic_jax.config import TrainConfig
-from critic_jax.train import init_state, make_setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EVAL_KEYS = ("tokens", "attention_mask", "mask", "true_values")
 
 # Runs that differ only in seed or data compile to the same program: a persistent compilation
 # cache lets the second seed of a sweep (and a rerun of a script) skip XLA's compile.
@@ -39,18 +38,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def held_out(config: TrainConfig, mesh, n: int | None = None) -> dict[str, jax.Array]:
-    """The trainer's held-out rows (same seed stream), as sharded arrays for `setup.evaluate`."""
-    n = n or config.log.eval_rows
-    full = data_lib.held_out_batch(config.data, seed=config.seed, gamma=config.ppo.gamma, n=n)
-    local = {k: np.asarray(full[k]) for k in EVAL_KEYS}
-    local["tokens"] = local["tokens"].astype(np.int32)
-    local["attention_mask"] = local["attention_mask"].astype(np.int32)
-    local["mask"] = local["mask"].astype(np.float32)
-    local["true_values"] = local["true_values"].astype(np.float32)
-    return parallel.make_global_batch(local, mesh)
-
-
 def run_critic(
     config: TrainConfig,
     *,
@@ -59,94 +46,81 @@ def run_critic(
     eval_every: int = 1,
     snapshot_at: Sequence[int] = (),
     label: str = "",
+    build_model: Callable | None = None,
+    loss_fn: Callable | None = None,
 ) -> dict[str, Any]:
-    """Trains a critic with the trainer's jitted update, evaluating against V* as it goes.
+    """`critic_jax.train.run` in a temporary workdir, recording every iteration's metrics.
 
     Args:
-      config: the run (steps, model, optimizer, PPO and data sections are used).
-      params: parameters to start from (an `nnx.State` of the config's `Critic`); None: random.
+      config: the run (its workdir, checkpoint cadence and logging are overridden: metrics every
+        iteration, no TensorBoard, a checkpoint only at the end, all thrown away).
+      params: parameters to start from (same tree and shapes as the built model's); None: fresh.
       reward_noise: std of Gaussian noise added to the rewards of every valid token of each
         rollout batch (the held-out V* stays the noise-free one, which is also the expected
         value under the noise).
-      eval_every: evaluate on the held-out rows every this many iterations (and at iteration 0).
+      eval_every: evaluate on the held-out rows every this many iterations and at iteration 0
+        (0: never during training).
       snapshot_at: iterations after which to keep a host copy of the parameters (0 = start).
       label: printed with the progress lines.
+      build_model, loss_fn: `train.Hooks` fields (default: a `Critic` and the critic loss).
 
     Returns:
-      {"history": [per-iteration metrics dicts], "params": final params, "graphdef",
-       "snapshots": {iteration: params}, "compile_seconds", "train_seconds"}.
+      {"history": [per-iteration metrics dicts, with "iteration"; iteration 0 holds the
+       evaluation of the initial parameters when eval_every > 0], "params": final params (host),
+       "graphdef", "snapshots": {iteration: params}, "compile_seconds", "train_seconds"}.
     """
-    mesh = parallel.make_mesh(config.mesh)
-    config.check_mesh(mesh.size)
-    graphdef, state = init_state(config, mesh)
-    if params is not None:
-        state = state.replace(params=place_like(params, state.params))
-    setup = make_setup(config, mesh, state, graphdef)
-    iterator = data_lib.make_rollout_iterator(config.data, seed=config.seed, gamma=config.ppo.gamma)
     rng = np.random.default_rng([config.seed, 7])
-    evaluation = held_out(config, mesh)
+    history: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"snapshots": {}}
 
-    def next_batch():
-        raw = next(iterator)
-        batch = {k: np.asarray(raw[k]) for k in setup.batch_keys}
-        batch["tokens"] = batch["tokens"].astype(np.int32)
-        batch["attention_mask"] = batch["attention_mask"].astype(np.int32)
-        batch["mask"] = batch["mask"].astype(np.float32)
-        rewards = batch["rewards"].astype(np.float32)
-        if reward_noise:
-            noise = rng.normal(0.0, reward_noise, rewards.shape).astype(np.float32)
-            rewards = rewards + noise * (batch["mask"] != 0)
-        batch["rewards"] = rewards
-        return parallel.make_global_batch(batch, mesh)
+    def build(cfg, mesh):
+        out["graphdef"], fresh = (build_model or train.build_critic)(cfg, mesh)
+        return out["graphdef"], fresh
 
-    def host(tree) -> dict[str, float]:
-        return {k: float(v) for k, v in jax.device_get(tree).items()}
+    def add_noise(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rewards = np.asarray(batch["rewards"], np.float32)
+        noise = rng.normal(0.0, reward_noise, rewards.shape).astype(np.float32)
+        batch["rewards"] = rewards + noise * (np.asarray(batch["mask"]) != 0)
+        return batch
 
-    snapshots = {}
-    if 0 in snapshot_at:
-        snapshots[0] = jax.device_get(state.params)
-    history = [{"iteration": 0, **host(setup.evaluate(state.params, evaluation))}]
-    batch = next_batch()
-    t0 = time.perf_counter()
-    compiled = setup.update.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for it in range(1, config.steps + 1):
-        state, metrics = compiled(state, batch)
-        if it < config.steps:
-            batch = next_batch()
-        row = {"iteration": it, **host(metrics)}
-        if it % eval_every == 0 or it == config.steps:
-            row.update(host(setup.evaluate(state.params, evaluation)))
-        history.append(row)
+    def on_iteration(it: int, metrics: dict[str, float] | None, state) -> None:
+        history.append({"iteration": it, **(metrics or {})})
         if it in snapshot_at:
-            snapshots[it] = jax.device_get(state.params)
-        if it % max(1, config.steps // 5) == 0 or it == config.steps:
-            err = row.get("relative_value_error", float("nan"))
-            log(f"{label} iteration {it}/{config.steps}: loss {row['loss']:.3f} rel.err {err:.3f}")
+            out["snapshots"][it] = jax.device_get(state.params)
+        if it == config.steps:
+            out["params"] = jax.device_get(state.params)
+        if it and (it % max(1, config.steps // 5) == 0 or it == config.steps):
+            row = history[-1]
+            err = (
+                f" rel.err {row['relative_value_error']:.3f}"
+                if "relative_value_error" in row
+                else ""
+            )
+            log(f"{label} iteration {it}/{config.steps}: loss {row.get('loss', np.nan):.3f}{err}")
+
+    hooks = train.Hooks(
+        build_model=build,
+        loss_fn=loss_fn,
+        initial_params=None if params is None else (lambda _: params),
+        transform_batch=add_noise if reward_noise else None,
+        on_iteration=on_iteration,
+        eval_every=eval_every,
+        eval_at_start=eval_every > 0,
+    )
+    with tempfile.TemporaryDirectory(prefix="critic_jax_experiment_") as workdir:
+        config = dataclasses.replace(
+            config,
+            workdir=workdir,
+            checkpoint=dataclasses.replace(config.checkpoint, every=0, async_save=False),
+            log=dataclasses.replace(config.log, every=1, tensorboard=False),
+        )
+        summary = train.run(config, hooks)
     return {
         "history": history,
-        "params": jax.device_get(state.params),
-        "graphdef": graphdef,
-        "snapshots": snapshots,
-        "compile_seconds": compile_seconds,
-        "train_seconds": time.perf_counter() - t0,
+        **out,
+        "compile_seconds": summary["compile_seconds"],
+        "train_seconds": summary["train_seconds"],
     }
-
-
-def place_like(params: Any, target: Any) -> Any:
-    """`params`' arrays in the tree structure and shardings of `target` (same paths and shapes;
-    the variables' metadata, e.g. how they were created, may differ)."""
-    got = jax.tree_util.tree_flatten_with_path(params)[0]
-    want, treedef = jax.tree_util.tree_flatten_with_path(target)
-    if [p for p, _ in got] != [p for p, _ in want]:
-        raise ValueError("params and target have different parameter paths")
-    leaves = []
-    for (path, x), (_, t) in zip(got, want, strict=True):
-        if x.shape != t.shape:
-            raise ValueError(f"{jax.tree_util.keystr(path)}: shape {x.shape} != {t.shape}")
-        leaves.append(jax.device_put(np.asarray(x, t.dtype), t.sharding))
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def write_csv(name: str, rows: Sequence[dict[str, Any]]) -> Path:

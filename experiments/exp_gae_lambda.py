@@ -24,17 +24,17 @@ from _common import log, pyplot, run_critic, save_figure, write_csv
 from flax import nnx
 
 from critic_jax import compute_gae
-from critic_jax import data as data_lib
 from critic_jax.config import TrainConfig, from_dict
+from critic_jax.mrp import PAD, MRPConfig, sample_mrp
 
 LAMS = (0.0, 0.5, 0.9, 0.95, 1.0)
 _ANALYSIS_STREAM = 3
 
 
-def mrp_state(tokens: np.ndarray, mrp: data_lib.MRPConfig) -> np.ndarray:
+def mrp_state(tokens: np.ndarray, mrp: MRPConfig) -> np.ndarray:
     """int [B, T]: the MRP state (column, previous non-observation token) as one id."""
     o_lo, o_hi = mrp.obs_range
-    is_state = (tokens != data_lib.PAD) & ~((tokens >= o_lo) & (tokens < o_hi))
+    is_state = (tokens != PAD) & ~((tokens >= o_lo) & (tokens < o_hi))
     t_idx = np.arange(tokens.shape[-1])
     last = np.maximum.accumulate(np.where(is_state, t_idx, 0), axis=-1)
     prev = np.concatenate([np.zeros_like(last[:, :1]), last[:, :-1]], axis=-1)
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     base = from_dict(TrainConfig, {"steps": args.steps, "seed": args.seeds[0]})
-    snap_its = sorted({2, 10, args.steps})
+    snap_its = sorted({i for i in (2, 10, args.steps) if i <= args.steps})
 
     training, snapshots, graphdef = [], {}, None
     for seed in args.seeds:
@@ -101,7 +101,7 @@ def main() -> None:
     if not snapshots:  # 0.95 not among --lams: analyse the last run's final critic
         snapshots[args.steps] = out["params"]
 
-    batch = data_lib.sample_mrp(
+    batch = sample_mrp(
         base.data.mrp, seed=(args.seeds[0], _ANALYSIS_STREAM), batch_size=args.rows, gamma=1.0
     )
     tokens = batch["tokens"].astype(np.int32)

@@ -1,6 +1,6 @@
 """The four loss reductions on variable-length responses: gradient scale and final error.
 
-Reductions (see `critic_jax.value_loss`): token-mean, seq-mean-token-mean (the default),
+Reductions (see `critic_jax.value_loss`): token-mean (the default), seq-mean-token-mean,
 seq-mean-token-sum, seq-mean-token-sum-norm. The MRP's responses end at a random EOS, so their
 lengths vary from 1 to the 24-token budget. Two measurements:
 
@@ -24,8 +24,8 @@ from _common import log, pyplot, run_critic, save_figure, write_csv
 from flax import nnx
 
 from critic_jax import compute_gae, value_loss
-from critic_jax import data as data_lib
 from critic_jax.config import REDUCTIONS, TrainConfig, from_dict
+from critic_jax.mrp import sample_mrp
 
 BUCKETS = ((1, 3), (4, 7), (8, 15), (16, 24))
 _ANALYSIS_STREAM = 4
@@ -76,12 +76,12 @@ def main() -> None:
             training += [{"reduction": reduction, "seed": seed, **h} for h in out["history"]]
             first.setdefault(reduction, out)
     graphdef = first[REDUCTIONS[0]]["graphdef"]
-    critics = {  # the first seed's default-reduction critic, before and after training
+    critics = {  # the first seed's seq-mean-token-mean critic, before and after training
         "init": first["seq-mean-token-mean"]["snapshots"][0],
         "trained": first["seq-mean-token-mean"]["params"],
     }
 
-    pool = data_lib.sample_mrp(
+    pool = sample_mrp(
         TrainConfig().data.mrp, seed=(args.seeds[0], _ANALYSIS_STREAM), batch_size=16384
     )
     lengths = pool["mask"].sum(-1)
