@@ -9,8 +9,9 @@
 - shared: that same pretrained `ActorCritic` keeps one trunk for both heads and is trained on
   value loss + next-token loss (the actor's objective keeps pulling on the shared trunk).
 
-The first three are trained by the trainer's own jitted update; the shared trunk needs both losses,
-so its update (same optimizer, GAE, clipped loss, epochs x minibatches) is written out here.
+Everything, the two pretrainings included, runs through the trainer's one loop and one update
+(`critic_jax.train.run`): only the model (`Hooks.build_model`), the loss (`Hooks.loss_fn`) and the
+initial parameters change. The shared trunk's logged `loss` is the sum of both losses.
 
     python experiments/exp_init.py            # 2 seeds, ~5.5 minutes on 2 cores
     python experiments/exp_init.py --steps 100 --pretrain-steps 600 --seeds 0 1 2
@@ -19,39 +20,30 @@ so its update (same optimizer, GAE, clipped loss, epochs x minibatches) is writt
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from _common import held_out, log, pyplot, run_critic, save_figure, write_csv
+from _common import log, pyplot, run_critic, save_figure, write_csv
 from flax import nnx
 
-from critic_jax import compute_gae, masked_mean, parallel
-from critic_jax import data as data_lib
+from critic_jax import masked_mean, train
 from critic_jax.config import TrainConfig, from_dict
 from critic_jax.models import ActorCritic, Critic
-from critic_jax.train import make_optimizer, ppo_value_loss
+from critic_jax.mrp import sample_mrp
 
-# A stream of MRP batches for pretraining, disjoint from the trainer's and the held-out ones.
-_PRETRAIN_STREAM = 2
+# Pretraining reads another seed's rollouts, disjoint from the critic's and the held-out ones.
+_PRETRAIN_SEED_OFFSET = 1000
 
 
-def pretrain_batches(config: TrainConfig, steps: int):
-    for i in range(steps):
-        b = data_lib.sample_mrp(
-            config.data.mrp,
-            seed=(config.seed, _PRETRAIN_STREAM, i),
-            batch_size=config.data.batch_size,
-            gamma=config.ppo.gamma,
-        )
-        yield {
-            "tokens": b["tokens"].astype(np.int32),
-            "attention_mask": b["attention_mask"].astype(np.int32),
-            "mask": b["mask"].astype(np.float32),
-            "sequence_reward": b["sequence_reward"].astype(np.float32),
-        }
+class RewardModel(Critic):
+    """A `Critic` whose outputs are its head's unshifted scores: `scores[:, t]` reads
+    `tokens[:, :t + 1]`, so the score at the last real token rates the whole sequence. Its
+    parameters are a `Critic`'s, so a trained reward model starts a critic as it is."""
+
+    def __call__(self, tokens, attention_mask=None, *, segment_ids=None) -> jax.Array:
+        return self.head(self.backbone(tokens, attention_mask, segment_ids=segment_ids))
 
 
 def next_token_loss(logits_btv, tokens_bt, mask_bt):
@@ -61,126 +53,58 @@ def next_token_loss(logits_btv, tokens_bt, mask_bt):
     return masked_mean(nll_bt, mask_bt[:, 1:])
 
 
-def reward_model_loss(model: Critic, batch):
-    """Squared error of the head's score at each row's last real token vs the sequence reward."""
-    h_btd = model.backbone(batch["tokens"], batch["attention_mask"])
-    scores_bt = model.head(h_btd)
-    t = batch["tokens"].shape[1]
-    last_b = t - 1 - jnp.argmax(batch["attention_mask"][:, ::-1] != 0, axis=1)
+def reward_model_loss(outputs, mb):
+    """Squared error of the score at each row's last real token vs the row's total reward, which
+    is the GAE return (λ = γ = 1) at the row's first action."""
+    scores_bt = outputs["values"]
+    last_b = mb["tokens"].shape[1] - 1 - jnp.argmax(mb["attention_mask"][:, ::-1] != 0, axis=1)
+    first_b = jnp.argmax(mb["mask"] != 0, axis=1)
     score_b = jnp.take_along_axis(scores_bt, last_b[:, None], axis=1)[:, 0]
-    return jnp.mean((score_b - batch["sequence_reward"]) ** 2)
+    total_b = jnp.take_along_axis(mb["returns"], first_b[:, None], axis=1)[:, 0]
+    return jnp.mean((score_b - total_b) ** 2)
 
 
-def actor_loss(model: ActorCritic, batch):
-    logits_btv, _ = model(batch["tokens"], batch["attention_mask"])
-    return next_token_loss(logits_btv, batch["tokens"], batch["mask"])
+def actor_loss(outputs, mb):
+    return next_token_loss(outputs["lm_logits"], mb["tokens"], mb["mask"])
 
 
-def pretrain(model, loss_fn, config: TrainConfig, steps: int, lr: float, name: str):
-    """Adam on `loss_fn(model, batch)` over fresh MRP batches; returns the trained model."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, 20, steps, lr * 0.1)),
+def shared_loss(config: TrainConfig, lm_coef: float):
+    """The critic's loss plus `lm_coef` times the next-token loss of the shared trunk."""
+    critic_loss = train.default_loss_fn(config)
+    return lambda outputs, mb: critic_loss(outputs, mb) + lm_coef * actor_loss(outputs, mb)
+
+
+def pretrain(config: TrainConfig, make_module, loss_fn, args, name: str):
+    """`make_module` (built with the run's seed) trained on `loss_fn` by the trainer: one AdamW
+    step per fresh batch (warmup 20 steps, cosine to 10%), GAE with λ = γ = 1 so that the
+    returns are the rewards still to come. Returns (host params, per-step losses)."""
+    pre = from_dict(
+        TrainConfig,
+        {
+            "steps": args.pretrain_steps,
+            "seed": config.seed + _PRETRAIN_SEED_OFFSET,
+            "optim": {
+                "learning_rate": args.pretrain_lr,
+                "warmup_steps": 20,
+                "end_lr_ratio": 0.1,
+                "b2": 0.999,
+                "weight_decay": 1e-4,
+            },
+            "ppo": {
+                "gamma": 1.0,
+                "lam": 1.0,
+                "minibatch_size": config.data.batch_size,
+                "ppo_epochs": 1,
+            },
+        },
+        base=config,
     )
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    t0 = time.perf_counter()
-    losses = []
-    for i, batch in enumerate(pretrain_batches(config, steps)):
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(float(loss))
-        if (i + 1) % max(1, steps // 4) == 0:
-            log(f"pretrain {name}: step {i + 1}/{steps}, loss {np.mean(losses[-20:]):.3f}")
-    log(f"pretrain {name}: {time.perf_counter() - t0:.0f}s")
-    return nnx.merge(graphdef, params), losses
-
-
-def relative_error(values, evaluation) -> float:
-    """RMSE(V - V*) / std(V*) over valid held-out tokens (the trainer's definition)."""
-    m = np.asarray(evaluation["mask"]) != 0
-    v, true = np.asarray(values)[m], np.asarray(evaluation["true_values"])[m]
-    return float(np.sqrt(np.mean((v - true) ** 2)) / true.std())
-
-
-def train_shared(config: TrainConfig, model: ActorCritic, *, lm_coef: float, label: str):
-    """The critic update of `critic_jax.train`, on an ActorCritic with value + lm_coef * LM loss."""
-    ppo = config.ppo
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(config.optim, config.steps * config.updates_per_step)
-    opt_state = tx.init(params)
-    mesh = parallel.make_mesh(parallel.MeshConfig(num_devices=1))
-    evaluation = held_out(config, mesh)
-    iterator = data_lib.make_rollout_iterator(config.data, seed=config.seed, gamma=ppo.gamma)
-    n_mb = config.data.batch_size // ppo.minibatch_size
-
-    def apply(params, tokens, attention_mask):
-        return nnx.merge(graphdef, params)(tokens, attention_mask)
-
-    def loss_fn(params, mb):
-        logits, values = apply(params, mb["tokens"], mb["attention_mask"])
-        v_loss = ppo_value_loss(values, mb, ppo)
-        return v_loss + lm_coef * next_token_loss(logits, mb["tokens"], mb["mask"]), v_loss
-
-    @jax.jit
-    def iteration(params, opt_state, batch, key):
-        _, old_values = apply(params, batch["tokens"], batch["attention_mask"])
-        _, returns = compute_gae(
-            batch["rewards"], old_values, batch["mask"], gamma=ppo.gamma, lam=ppo.lam
-        )
-        data = {**batch, "old_values": old_values, "returns": returns}
-
-        def epoch(carry, key):
-            perm = jax.random.permutation(key, config.data.batch_size)
-            mbs = jax.tree.map(lambda x: x[perm].reshape(n_mb, -1, *x.shape[1:]), data)
-
-            def mb_step(carry, mb):
-                params, opt_state = carry
-                (_, v_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), v_loss
-
-            return jax.lax.scan(mb_step, carry, mbs)
-
-        keys = jax.random.split(key, ppo.ppo_epochs)
-        (params, opt_state), v_loss = jax.lax.scan(epoch, (params, opt_state), keys)
-        return params, opt_state, v_loss.mean()
-
-    @jax.jit
-    def values_of(params, tokens, attention_mask):
-        return apply(params, tokens, attention_mask)[1]
-
-    def error(params):
-        v = values_of(params, evaluation["tokens"], evaluation["attention_mask"])
-        return relative_error(v, evaluation)
-
-    key = jax.random.PRNGKey(config.seed + 1)
-    history = [{"iteration": 0, "relative_value_error": error(params)}]
-    for it in range(1, config.steps + 1):
-        raw = next(iterator)
-        batch = {
-            "tokens": raw["tokens"].astype(np.int32),
-            "attention_mask": raw["attention_mask"].astype(np.int32),
-            "mask": raw["mask"].astype(np.float32),
-            "rewards": raw["rewards"].astype(np.float32),
-        }
-        key, sub = jax.random.split(key)
-        params, opt_state, v_loss = iteration(params, opt_state, batch, sub)
-        history.append(
-            {"iteration": it, "loss": float(v_loss), "relative_value_error": error(params)}
-        )
-        if it % max(1, config.steps // 5) == 0:
-            err = history[-1]["relative_value_error"]
-            log(
-                f"{label} iteration {it}/{config.steps}: loss {float(v_loss):.3f} rel.err {err:.3f}"
-            )
-    return history
+    build = functools.partial(train.build_critic, seed=config.seed, make_module=make_module)
+    label = f"pretrain {name} seed={config.seed}"
+    out = run_critic(pre, eval_every=0, label=label, build_model=build, loss_fn=loss_fn)
+    losses = [h["loss"] for h in out["history"]]
+    log(f"{label}: final loss {np.mean(losses[-20:]):.3f} ({out['train_seconds']:.0f}s)")
+    return out["params"], losses
 
 
 def main() -> None:
@@ -227,7 +151,7 @@ def main() -> None:
         err = mean_error(name)
         cells = " ".join(f"{err[m]:7.3f}" for m in marks)
         print(f"{name:14s} {cells}  {err[-10:].mean():7.3f}")
-    ref = data_lib.sample_mrp(TrainConfig().data.mrp, seed=(0, 9), batch_size=4096)
+    ref = sample_mrp(TrainConfig().data.mrp, seed=(0, 9), batch_size=4096)
     floor = float(-ref["logprobs"][ref["mask"] > 0].mean())
     for name, seed, losses in pretrain_log:
         log(f"{name} (seed {seed}): final loss {np.mean(losses[-20:]):.3f}")
@@ -255,37 +179,23 @@ def main() -> None:
 
 def run_arms(config: TrainConfig, args) -> dict[str, list]:
     """Pretrains the reward model and the actor, then trains the four critics of one seed."""
-    rngs = lambda: nnx.Rngs(config.seed)  # noqa: E731 - one seed for every fresh module
-    reward_model, rm_losses = pretrain(
-        Critic(config.model, rngs=rngs()),
-        reward_model_loss,
-        config,
-        args.pretrain_steps,
-        args.pretrain_lr,
-        "reward model",
-    )
-    actor, lm_losses = pretrain(
-        ActorCritic(config.model, rngs=rngs()),
-        actor_loss,
-        config,
-        args.pretrain_steps,
-        args.pretrain_lr,
-        "actor (next-token)",
-    )
-    from_actor = Critic(config.model, rngs=rngs())
-    nnx.update(from_actor.backbone, nnx.state(actor.backbone, nnx.Param))
+    rm_params, rm_losses = pretrain(config, RewardModel, reward_model_loss, args, "reward model")
+    actor_params, lm_losses = pretrain(config, ActorCritic, actor_loss, args, "actor")
+    from_actor = Critic(config.model, rngs=nnx.Rngs(config.seed))
+    nnx.update(from_actor.backbone, actor_params["backbone"])
     arms = {
-        "random": None,
-        "reward model": nnx.state(reward_model, nnx.Param),
-        "actor": nnx.state(from_actor, nnx.Param),
+        "random": {},
+        "reward model": {"params": rm_params},
+        "actor": {"params": nnx.state(from_actor, nnx.Param)},
+        "shared trunk": {
+            "params": actor_params,
+            "build_model": functools.partial(train.build_critic, make_module=ActorCritic),
+            "loss_fn": shared_loss(config, args.lm_coef),
+        },
     }
     out = {"pretrain reward model": rm_losses, "pretrain actor": lm_losses}
-    for name, params in arms.items():
-        label = f"{name} seed={config.seed}"
-        out[name] = run_critic(config, params=params, label=label)["history"]
-    out["shared trunk"] = train_shared(
-        config, actor, lm_coef=args.lm_coef, label=f"shared trunk seed={config.seed}"
-    )
+    for name, kwargs in arms.items():
+        out[name] = run_critic(config, label=f"{name} seed={config.seed}", **kwargs)["history"]
     return out
 
 
