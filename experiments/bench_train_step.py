@@ -2,9 +2,10 @@
 
 Both sides take one optimizer step on the same problem: a Llama critic (hidden 256, 4 layers,
 4 heads, MLP 688, vocab 32000), a batch of 8 x 512 tokens, float32, the clipped masked value loss
-and AdamW. The JAX side is the trainer's own jitted update (`critic_jax.train.make_update_fn`:
-GAE, the loss, gradient-norm clipping, AdamW with its schedule, the non-finite guard, the state
-donated) with one optimizer step per call, once with the minibatch in one piece and once split
+and AdamW. The JAX side is the trainer's own set-up and jitted update (`critic_jax.train`'s
+`build_critic`, `init_state`, `make_trainer` around `critic_jax.update.make_update`: GAE, the
+loss, gradient-norm clipping, AdamW with its schedule, the non-finite guard, the state donated)
+with one optimizer step per call, once with the minibatch in one piece and once split
 into micro-batches of one sequence (gradient accumulation inside the jit: the same gradient). The
 PyTorch side is transformers' `LlamaModel` (SDPA attention) + `Linear(hidden, 1)` +
 `torch.optim.AdamW`, the reference being the whole batch in one piece; the same split into
@@ -35,11 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from critic_jax import parallel
+from critic_jax import parallel, train
 from critic_jax.config import PPOConfig, TrainConfig
 from critic_jax.data import DataConfig
 from critic_jax.models import ModelConfig
-from critic_jax.train import init_state, make_setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,19 +87,21 @@ def jax_update(cfg: ModelConfig, batch: int, seq: int, micro: int):
         data=DataConfig(batch_size=batch),
     )
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-    graphdef, state = init_state(config, mesh)
-    setup = make_setup(config, mesh, state, graphdef)
+    graphdef, params = train.build_critic(config, mesh)
+    state = train.init_state(config, mesh, params)
+    trainer = train.make_trainer(config, mesh, graphdef, state)
     rng = np.random.default_rng(0)
     local = {
-        "tokens": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
-        "attention_mask": np.ones((batch, seq), np.int32),
-        "mask": np.ones((batch, seq), np.float32),
-        "rewards": rng.normal(size=(batch, seq)).astype(np.float32) * 0.1,
-        "old_values": rng.normal(size=(batch, seq)).astype(np.float32),
+        "tokens": rng.integers(0, cfg.vocab_size, (batch, seq)),
+        "attention_mask": np.ones((batch, seq)),
+        "mask": np.ones((batch, seq)),
+        "rewards": rng.normal(size=(batch, seq)) * 0.1,
+        "old_values": rng.normal(size=(batch, seq)),
     }
+    local = train.host_batch(local, trainer.batch_keys, vocab_size=cfg.vocab_size)
     data = parallel.make_global_batch(local, mesh)
     t0 = time.perf_counter()
-    compiled = setup.update.lower(state, data).compile()
+    compiled = trainer.update.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     holder = [state]
 

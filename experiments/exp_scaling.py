@@ -1,7 +1,8 @@
 """Update throughput against the number of devices, and parameter memory per device under fsdp.
 
 Each device count n runs in its own process (`jax_num_cpu_devices` must be set before JAX starts):
-the trainer's jitted update is timed over a few rollout batches on a mesh data=n (pure data
+the trainer's own set-up (`train.build_critic`, `init_state`, `make_trainer`) builds the state,
+and its one jitted update is timed over a few rollout batches on a mesh data=n (pure data
 parallelism) and on a mesh fsdp=n, where the bytes of parameter (and AdamW state) shards that live
 on device 0 are also counted. The devices here are fake CPU devices that share this machine's
 cores, so throughput cannot grow with n: the measurement shows the cost of the partitioned
@@ -27,12 +28,10 @@ def worker(n: int, iterations: int, fsdp_throughput: bool) -> dict:
     import jax
 
     jax.config.update("jax_num_cpu_devices", n)
-    import numpy as np
 
     from critic_jax import data as data_lib
-    from critic_jax import parallel
+    from critic_jax import parallel, train
     from critic_jax.config import TrainConfig, from_dict
-    from critic_jax.train import init_state, make_setup
 
     assert len(jax.devices()) == n, jax.devices()
     out = {"devices": n, "cores": os.cpu_count()}
@@ -48,23 +47,26 @@ def worker(n: int, iterations: int, fsdp_throughput: bool) -> dict:
             if s.device == device
         )
 
-    def throughput(config: TrainConfig) -> dict:
+    def set_up(config: TrainConfig):
+        """The trainer's own set-up: parameters and state placed on the mesh, the update jitted."""
         mesh = parallel.make_mesh(config.mesh)
         config.check_mesh(mesh.size)
-        graphdef, state = init_state(config, mesh)
-        setup = make_setup(config, mesh, state, graphdef)
+        graphdef, params = train.build_critic(config, mesh)
+        state = train.init_state(config, mesh, params)
+        return mesh, state, train.make_trainer(config, mesh, graphdef, state)
+
+    def throughput(config: TrainConfig) -> dict:
+        mesh, state, trainer = set_up(config)
         it = data_lib.make_rollout_iterator(config.data, seed=0, gamma=config.ppo.gamma)
-        batches = []
-        for _ in range(iterations + 1):
-            raw = next(it)
-            b = {k: np.asarray(raw[k]) for k in setup.batch_keys}
-            b["tokens"] = b["tokens"].astype(np.int32)
-            b["attention_mask"] = b["attention_mask"].astype(np.int32)
-            b["mask"] = b["mask"].astype(np.float32)
-            b["rewards"] = b["rewards"].astype(np.float32)
-            batches.append(parallel.make_global_batch(b, mesh))
+        vocab = config.model.vocab_size
+        batches = [
+            parallel.make_global_batch(
+                train.host_batch(next(it), trainer.batch_keys, vocab_size=vocab), mesh
+            )
+            for _ in range(iterations + 1)
+        ]
         t0 = time.perf_counter()
-        compiled = setup.update.lower(state, batches[0]).compile()
+        compiled = trainer.update.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
         state, m = compiled(state, batches[0])  # warm-up
         jax.block_until_ready(m)
@@ -84,8 +86,7 @@ def worker(n: int, iterations: int, fsdp_throughput: bool) -> dict:
     out.update({f"dp_{k}": v for k, v in throughput(config_for(n, 1)).items()})
 
     config = config_for(1, n)
-    mesh = parallel.make_mesh(config.mesh)
-    _, state = init_state(config, mesh)
+    _, state, _ = set_up(config)
     dev0 = jax.devices()[0]
     out["param_bytes_total"] = sum(x.nbytes for x in jax.tree.leaves(state.params))
     out["param_bytes_device0"] = bytes_on(state.params, dev0)
