@@ -123,6 +123,14 @@ def run_critic(
     }
 
 
+def seed_mean(rows: Sequence[dict[str, Any]], key: str = "relative_value_error", **where):
+    """The mean over seeds of `key` at every iteration: over the history rows (dicts with "seed",
+    one per iteration) whose fields equal `where`; nan where a row lacks `key`."""
+    rows = [r for r in rows if all(r[k] == v for k, v in where.items())]
+    seeds = sorted({r["seed"] for r in rows})
+    return np.mean([[r.get(key, np.nan) for r in rows if r["seed"] == s] for s in seeds], axis=0)
+
+
 def write_csv(name: str, rows: Sequence[dict[str, Any]]) -> Path:
     """Writes `rows` (dicts; the union of their keys, in first-seen order) to results/NAME."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -145,8 +153,14 @@ def _fmt(v: Any) -> Any:
     return v
 
 
-def save_figure(fig, name: str, *, dpi: int = 90) -> Path:
-    """Saves a matplotlib figure to results/NAME, small enough to keep in the repository."""
+def save_figure(fig, name: str, *, legend_fontsize: int | None = None, dpi: int = 90) -> Path:
+    """Grids every axis (and gives each a legend when `legend_fontsize` is set), lays the figure
+    out and saves it to results/NAME, small enough to keep in the repository."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if legend_fontsize:
+            ax.legend(fontsize=legend_fontsize)
+    fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
@@ -164,11 +178,11 @@ def spikes(values: Sequence[float], *, factor: float = 3.0, window: int = 10) ->
     return count
 
 
-def pyplot():
-    """matplotlib.pyplot with a non-interactive backend."""
+def subplots(*args, **kwargs):
+    """`matplotlib.pyplot.subplots` with a non-interactive backend: (figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(*args, **kwargs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _common import log, pyplot, run_critic, save_figure, spikes, write_csv
+from _common import log, run_critic, save_figure, spikes, subplots, write_csv
 
 from critic_jax.config import TrainConfig, from_dict
 
@@ -98,8 +98,7 @@ def main() -> None:
             vals = " ".join(f"{np.mean([s[k] for s in sel]):17.3f}" for k in keys)
             print(f"{cond:10s} {clip!s:5s} {vals}")
 
-    plt = pyplot()
-    fig, axes = plt.subplots(len(conditions), 2, figsize=(10, 3.2 * len(conditions)), squeeze=False)
+    fig, axes = subplots(len(conditions), 2, figsize=(10, 3.2 * len(conditions)), squeeze=False)
     for r, (cond, lr, noise) in enumerate(conditions):
         for clip in clips:
             hists = curves[(cond, str(clip))]
@@ -114,9 +113,7 @@ def main() -> None:
         axes[r, 1].set_ylim(bottom=0)
         for ax in axes[r]:
             ax.set_xlabel("PPO iteration")
-            ax.grid(alpha=0.3)
         axes[r, 1].legend(fontsize=8)
-    fig.tight_layout()
     save_figure(fig, "exp_clipping.png")
 
 

@@ -20,7 +20,7 @@ import argparse
 
 import jax
 import numpy as np
-from _common import log, pyplot, run_critic, save_figure, write_csv
+from _common import log, run_critic, save_figure, seed_mean, subplots, write_csv
 from flax import nnx
 
 from critic_jax import compute_gae
@@ -65,18 +65,6 @@ def bias_variance(estimate: np.ndarray, true: np.ndarray, state: np.ndarray) -> 
         "mean_error": float(err.mean()),
         "states": int(keep.sum()),
     }
-
-
-def error_curve(training, lam: float) -> np.ndarray:
-    """Relative error against V* at every iteration, averaged over the seeds."""
-    seeds = sorted({h["seed"] for h in training})
-    return np.mean(
-        [
-            [h["relative_value_error"] for h in training if h["lam"] == lam and h["seed"] == s]
-            for s in seeds
-        ],
-        axis=0,
-    )
 
 
 def main() -> None:
@@ -139,11 +127,10 @@ def main() -> None:
         "at the end, mean of the last 10"
     )
     for lam in args.lams:
-        err = error_curve(training, lam)
+        err = seed_mean(training, lam=lam)
         print(f"  lam={lam}: {err[10]:.3f} {err[-1]:.3f} {np.mean(err[-10:]):.3f}")
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = subplots(1, 3, figsize=(14, 3.6))
     for name in sources:
         cells = [r for r in rows if r["values"] == name]
         lams = [r["lam"] for r in cells]
@@ -153,16 +140,12 @@ def main() -> None:
     axes[0].set_yscale("log")
     axes[1].set_title("variance of GAE returns within a state")
     for lam in args.lams:
-        axes[2].plot(np.arange(args.steps + 1), error_curve(training, lam), label=f"lam={lam}")
+        axes[2].plot(np.arange(args.steps + 1), seed_mean(training, lam=lam), label=f"lam={lam}")
     axes[2].set_title(f"critic trained with λ: RMSE(V - V*)/std(V*), {len(args.seeds)} seeds")
     axes[2].set_xlabel("PPO iteration")
     for ax in axes[:2]:
         ax.set_xlabel("GAE λ")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, "exp_gae_lambda.png")
+    save_figure(fig, "exp_gae_lambda.png", legend_fontsize=7)
 
 
 if __name__ == "__main__":

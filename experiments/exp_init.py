@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import log, pyplot, run_critic, save_figure, write_csv
+from _common import log, run_critic, save_figure, subplots, write_csv
 from flax import nnx
 
 from critic_jax import masked_mean, train
@@ -160,8 +160,7 @@ def main() -> None:
         f"the MRP actor's own next-token NLL {floor:.3f}"
     )
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = subplots(1, 2, figsize=(10, 3.4))
     for name in histories:
         it = np.arange(args.steps + 1)
         axes[0].plot(it, mean_error(name), label=name)
@@ -171,9 +170,7 @@ def main() -> None:
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("PPO iteration (8 critic updates each)")
-        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     save_figure(fig, "exp_init.png")
 
 

@@ -20,7 +20,7 @@ import argparse
 import jax
 import numpy as np
 import optax
-from _common import log, pyplot, run_critic, save_figure, write_csv
+from _common import log, run_critic, save_figure, seed_mean, subplots, write_csv
 from flax import nnx
 
 from critic_jax import compute_gae, value_loss
@@ -44,18 +44,6 @@ def make_grad_norm(graphdef):
     return jax.jit(
         lambda p, b, reduction: optax.global_norm(jax.grad(loss)(p, b, reduction)),
         static_argnums=2,
-    )
-
-
-def curve(training, reduction: str, key: str = "relative_value_error") -> np.ndarray:
-    """The mean over seeds of `key` at every iteration (nan where a row lacks it)."""
-    seeds = sorted({h["seed"] for h in training})
-    return np.mean(
-        [
-            [h.get(key, np.nan) for h in training if h["reduction"] == reduction and h["seed"] == s]
-            for s in seeds
-        ],
-        axis=0,
     )
 
 
@@ -128,14 +116,13 @@ def main() -> None:
         gn = np.mean(
             [h["grad_norm"] for h in training if h["reduction"] == reduction and h["iteration"]]
         )
-        err = curve(training, reduction)
+        err = seed_mean(training, reduction=reduction)
         print(
             f"  {reduction:24s} mean logged grad_norm {gn:8.3f}  error at iteration 10 "
             f"{err[10]:.3f}, final {err[-1]:.3f}, mean of last 10 {err[-10:].mean():.3f}"
         )
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = subplots(1, 3, figsize=(14, 3.6))
     for reduction in REDUCTIONS:
         cells = [
             r
@@ -151,8 +138,10 @@ def main() -> None:
             label=reduction,
         )
         it = np.arange(args.steps + 1)
-        axes[1].plot(it[1:], curve(training, reduction, "grad_norm")[1:], label=reduction)
-        axes[2].plot(it, curve(training, reduction), label=reduction)
+        axes[1].plot(
+            it[1:], seed_mean(training, "grad_norm", reduction=reduction)[1:], label=reduction
+        )
+        axes[2].plot(it, seed_mean(training, reduction=reduction), label=reduction)
     axes[0].set_title("|grad| at a fixed critic vs response length")
     axes[0].set_xlabel("mean valid tokens per row (64 rows)")
     axes[0].set_yscale("log")
@@ -161,11 +150,7 @@ def main() -> None:
     axes[2].set_title("RMSE(V - V*)/std(V*), held out (seed mean)")
     for ax in axes[1:]:
         ax.set_xlabel("PPO iteration")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, "exp_reductions.png")
+    save_figure(fig, "exp_reductions.png", legend_fontsize=7)
 
 
 if __name__ == "__main__":

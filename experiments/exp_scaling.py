@@ -111,7 +111,7 @@ def main() -> None:
         print(_MARK + json.dumps(result), flush=True)
         return
 
-    from _common import log, pyplot, save_figure, write_csv
+    from _common import log, save_figure, subplots, write_csv
 
     rows = []
     for n in args.devices:
@@ -136,8 +136,7 @@ def main() -> None:
         )
     write_csv("exp_scaling.csv", rows)
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = subplots(1, 2, figsize=(10, 3.4))
     ns = [r["devices"] for r in rows]
     axes[0].plot(ns, [r["dp_updates_per_second"] for r in rows], "o-", label="data = n")
     if args.fsdp_throughput:
@@ -155,8 +154,6 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("fake CPU devices n")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
     save_figure(fig, "exp_scaling.png")
 
 
