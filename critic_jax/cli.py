@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: critic-jax {train,make-rollouts} [options]
+USAGE = """usage: critic-jax {train,make-rollouts,plan,score} [options]
 
 Train the critic (value model) of PPO-style RLHF in JAX.
 
 subcommands:
   train          train a critic (default: a tiny model on the embedded synthetic MRP)
   make-rollouts  write synthetic rollouts to a Parquet file in the rollout schema
+  plan           compile a run's update ahead of time: memory per device, FLOPs, does it fit
+  score          values, returns and advantages of Parquet rollouts from a trained critic
 
 `critic-jax SUBCOMMAND --help` lists a subcommand's options.
 """
@@ -98,15 +101,55 @@ def _pop_config_file(args: list[str]) -> tuple[str | None, list[str]]:
     return path, out
 
 
-def _train(args: list[str]) -> int:
+def _pop_options(args: list[str], options: dict[str, type]) -> tuple[dict[str, str], list[str]]:
+    """Takes `--name VALUE` / `--name=VALUE` for the names in `options` (flags for bool)."""
+    found, rest, i = {}, [], 0
+    while i < len(args):
+        a = args[i]
+        name, _, value = a.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else None
+        if key in options:
+            if options[key] is bool and not value:
+                found[key] = "true"
+            elif value:
+                found[key] = value
+            else:
+                if i + 1 >= len(args):
+                    raise ValueError(f"{name} needs a value. Received: {name}")
+                found[key] = args[i + 1]
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return found, rest
+
+
+_CONFIG_HELP = (
+    "  --config FILE           a JSON file of config values (a partial nested dict, e.g.\n"
+    '                          {"ppo": {"lam": 1.0}}), read before the flags below\n'
+)
+
+
+def _train_config(args: list[str], *, prog: str, description: str):
+    """The `TrainConfig` of `--config FILE` (if any) and the flags, through tyro."""
     from critic_jax import config as config_lib
 
     path, args = _pop_config_file(args)
+    if "-h" in args or "--help" in args:
+        print(f"{prog}: {description}\n\noptions read before the others:\n{_CONFIG_HELP}")
     default = config_lib.load(path) if path else config_lib.TrainConfig()
-    cfg = _parse(
-        config_lib.TrainConfig,
-        default=default,
-        args=args,
+    preset, args = _pop_options(args, {"model.preset": str})
+    if preset:  # the preset's shape first, so every other --model.* flag overrides one field
+        model = config_lib.with_preset(default.model, preset["model.preset"])
+        default = dataclasses.replace(default, model=model)
+    return _parse(
+        config_lib.TrainConfig, default=default, args=args, prog=prog, description=description
+    )
+
+
+def _train(args: list[str]) -> int:
+    cfg = _train_config(
+        args,
         prog="critic-jax train",
         description="Train the critic. Every option can also come from --config FILE (JSON).",
     )
@@ -190,6 +233,81 @@ def _make_rollouts(args: list[str]) -> int:
     return 0
 
 
+_PLAN_OPTIONS = {"seq_len": int, "devices": int, "target": str, "device_memory": str, "json": bool}
+_PLAN_HELP = """plan options (besides every `critic-jax train` option below):
+  --seq-len T             rollout width to plan for (default: the data's)
+  --devices N             fake CPU devices for --target cpu (default: the mesh's size or 1)
+  --target TARGET         cpu (default), or a TPU topology compiled with libtpu's compile-only
+                          devices: tpu-v5e:2x4, tpu-v5p:2x2x2, tpu-v4:2x2x1, ...
+  --device-memory SIZE    memory of one device for `fits`, e.g. 80GiB (TPU default: the chip's)
+  --json                  print one JSON object instead of the table
+"""
+
+
+def _plan(args: list[str]) -> int:
+    opts, rest = _pop_options(args, _PLAN_OPTIONS)
+    if "-h" in rest or "--help" in rest:
+        print(_PLAN_HELP)
+    target = opts.get("target", "cpu")
+    try:
+        devices = int(opts["devices"]) if "devices" in opts else None
+        seq_len = int(opts["seq_len"]) if "seq_len" in opts else None
+    except ValueError as e:
+        raise ValueError(f"--devices and --seq-len take integers. Received: {opts}") from e
+    if devices is not None and devices < 1:
+        raise ValueError(f"--devices must be >= 1. Received: {devices}")
+    # Compile-only TPU devices come from libtpu's own client: no backend but the CPU is needed.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if target == "cpu":
+        import jax
+
+        # Fake CPU devices must be set before JAX starts its backends.
+        jax.config.update("jax_num_cpu_devices", devices or 1)
+    elif devices is not None:
+        raise ValueError(f"--devices applies to --target cpu; {target} has its own devices.")
+    cfg = _train_config(rest, prog="critic-jax plan", description="Plan a run before renting it.")
+    from critic_jax import plan as plan_lib
+
+    memory = plan_lib.parse_bytes(opts["device_memory"]) if "device_memory" in opts else None
+    if seq_len is None:
+        seq_len = cfg.data.max_len or cfg.data.mrp.seq_len
+    report = plan_lib.plan(cfg, seq_len=seq_len, target=target, device_memory=memory)
+    if opts.get("json", "false").lower() in ("true", "1", "yes", ""):
+        print(json.dumps(report))
+        return 0
+    gib = 2**30
+    print(
+        f"plan: {report['target']} ({report['device_kind']}), {report['devices']} devices, "
+        f"mesh {report['mesh']}, {report['parameters'] / 1e9:.3g}B parameters, "
+        f"T = {report['seq_len']}, {report['tokens_per_iteration']} tokens per iteration"
+    )
+    for key in (
+        "argument_bytes",
+        "output_bytes",
+        "alias_bytes",
+        "temp_bytes",
+        "peak_bytes_per_device",
+    ):
+        print(f"  {key:24s} {report[key] / gib:10.3f} GiB")
+    print(f"  {'compile_seconds':24s} {report['compile_seconds']:10.1f}")
+    print(f"  {'flops_per_token':24s} {report['flops_per_token']:10.4g}")
+    limit = report["device_memory"]
+    verdict = (
+        "unknown (give --device-memory)"
+        if limit is None
+        else (
+            f"{'yes' if report['fits'] else 'NO'} "
+            f"(peak {report['peak_bytes_per_device'] / gib:.2f} of {limit / gib:.2f} GiB)"
+        )
+    )
+    print(f"  fits: {verdict}")
+    return 0
+
+
+def _score(args: list[str]) -> int:
+    raise ValueError("score is not available yet")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `critic-jax ARGS`; returns the exit code (0, 2 on bad input, 128 + signal)."""
     try:
@@ -205,7 +323,12 @@ def _main(argv: Sequence[str] | None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    commands = {"train": _train, "make-rollouts": _make_rollouts}
+    commands = {
+        "train": _train,
+        "make-rollouts": _make_rollouts,
+        "plan": _plan,
+        "score": _score,
+    }
     if command not in commands:
         return _fail(f"unknown subcommand {command!r}; valid: {', '.join(commands)}")
     from critic_jax.checkpoint import CheckpointError

@@ -22,7 +22,7 @@ from critic_jax.advantages import GAE_METHODS
 from critic_jax.checkpoint import CheckpointConfig
 from critic_jax.data import DataConfig
 from critic_jax.losses import LOSS_TYPES, REDUCTIONS
-from critic_jax.models import ModelConfig
+from critic_jax.models import PRESETS, ModelConfig
 from critic_jax.parallel import MeshConfig
 
 
@@ -287,6 +287,22 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def with_preset(model: ModelConfig, name: str) -> ModelConfig:
+    """`model` with the shape of preset `name` (its numerics, head and remat settings kept), so
+    that `--model.preset NAME` sets the shape and every other `--model.*` flag one field."""
+    if name not in PRESETS:
+        raise ValueError(
+            f"Unknown model.preset {name!r}; valid: {', '.join(PRESETS)}. Received: {name!r}"
+        )
+    shape = set(PRESETS[name])
+    keep = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name not in shape and f.name != "preset"
+    }
+    return ModelConfig(preset=name, **keep)
+
+
 def _check_type(name: str, value: Any, hint: Any) -> None:
     """Raises unless `value` (from JSON) fits the field's type hint (int for float is fine)."""
     allowed = (
@@ -302,6 +318,8 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return
         if t in (str, bool) and isinstance(value, t):
+            return
+        if t is str and isinstance(value, bool):  # older boolean options (model.remat)
             return
     names = " or ".join(
         "null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed
@@ -336,6 +354,8 @@ def from_dict(
                 )
             section = type(current) if dataclasses.is_dataclass(current) else hints[key]
             kwargs = {"base": current} if dataclasses.is_dataclass(current) else {}
+            if section is ModelConfig and isinstance(value.get("preset"), str):
+                kwargs["base"] = with_preset(current or ModelConfig(), value["preset"])
             updates[key] = from_dict(section, value, prefix=f"{where}.", **kwargs)
         else:
             _check_type(where, value, hints[key])

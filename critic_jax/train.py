@@ -11,6 +11,7 @@ host batch (reward noise), the evaluation cadence, and a callback after every it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -228,6 +229,14 @@ def abstract_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, T
         rng=scalar((2,), np.uint32),
     )
     return graphdef, state
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh):
+    """The mesh and the logical-axis rules in scope while the update is traced, so that kernels
+    which cannot be partitioned automatically (Pallas splash attention) run in a `shard_map`."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,7 +590,10 @@ class _Loop:
         self.evaluation = held_out(config, trainer.mesh)
 
     def evaluate(self, params) -> dict[str, float]:
-        return _host(self.trainer.evaluate(params, self.evaluation)) if self.evaluation else {}
+        if not self.evaluation:
+            return {}
+        with mesh_context(self.trainer.mesh):
+            return _host(self.trainer.evaluate(params, self.evaluation))
 
     def next_batch(self):
         raw = next(self.iterator)
@@ -640,7 +652,8 @@ class _Loop:
         self.position = self.iterator.get_state()
         batch = self.next_batch()
         t0 = time.perf_counter()
-        compiled = self.trainer.update.lower(state, batch).compile()
+        with mesh_context(self.trainer.mesh):
+            compiled = self.trainer.update.lower(state, batch).compile()
         self.compile_seconds = time.perf_counter() - t0
         self.signals.check()
         writer = MetricsWriter(

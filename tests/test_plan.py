@@ -1,0 +1,89 @@
+"""`critic-jax plan`: the real update compiled on abstract inputs, per-device memory, fits."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from critic_jax import plan as plan_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model.num-layers", "1", "--model.d-model", "32", "--model.mlp-dim", "64"]
+
+
+def _plan(*args, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "critic_jax", "plan", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_parse_bytes():
+    assert plan_lib.parse_bytes("80GiB") == 80 * 2**30
+    assert plan_lib.parse_bytes("16GB") == 16 * 10**9
+    assert plan_lib.parse_bytes("512") == 512
+    with pytest.raises(ValueError, match="memory size"):
+        plan_lib.parse_bytes("lots")
+
+
+def test_plan_on_fake_cpu_devices_reports_memory_and_fits():
+    args = ["--devices", "4", "--mesh.data", "1", "--mesh.fsdp", "4", "--seq-len", "64"]
+    proc = _plan(*args, *TINY, "--device-memory", "1GiB", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["tokens_per_iteration"] == 64 * 64
+    assert 0 < report["temp_bytes"] < report["peak_bytes_per_device"] < 2**30
+    assert report["fits"] is True and report["compile_seconds"] > 0
+    # Old values + 2 epochs x (forward + backward) = 7 forward passes of 2 FLOPs a parameter, plus
+    # attention; the compiler's count sees each loop body once, so it is lower.
+    matmul_params = report["parameters"] - 32 * 32 - 2 * 32 - 32 - 1  # embedding, norms, bias
+    assert report["flops_per_token"] >= 7 * 2 * matmul_params
+    assert 0 < report["compiled_flops_per_token"] < report["flops_per_token"]
+    small = _plan(*args, *TINY, "--device-memory", "1KiB", "--json")
+    assert json.loads(small.stdout.strip().splitlines()[-1])["fits"] is False
+
+
+def test_plan_with_a_preset_keeps_single_field_overrides():
+    proc = _plan(
+        "--model.preset", "qwen2.5-0.5b", "--model.num-layers", "1", "--seq-len", "32", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # One Qwen2.5-0.5B block (d 896, mlp 4864, 14/2 heads of 64) + the 151936 x 896 embedding.
+    assert 150e6 < report["parameters"] < 152e6
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--target", "tpu-v9x"], "target"),
+        (["--devices", "0"], "devices"),
+        (["--devices", "3", "--mesh.fsdp", "2"], "mesh"),
+        (["--device-memory", "lots"], "memory"),
+    ],
+)
+def test_plan_bad_input_is_one_line(args, words):
+    proc = _plan(*args, *TINY)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("critic-jax: error:")]
+    assert len(err) == 1 and words in err[0].lower(), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_plan_compiles_for_a_tpu_topology():
+    pytest.importorskip("libtpu")
+    args = ["--target", "tpu-v5e:2x2", "--mesh.data", "1", "--mesh.fsdp", "4", "--seq-len", "256"]
+    proc = _plan(*args, *TINY, "--model.dtype", "bfloat16", "--model.remat", "full", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["device_kind"].startswith("TPU") and report["devices"] == 4
+    assert report["device_memory"] == 16 * 2**30 and report["fits"] is True
