@@ -1,18 +1,33 @@
-"""Writes the three notebooks of this folder (unexecuted) from the cell sources below.
+"""Writes and executes the three notebooks of this folder from the cell sources below.
 
-    python notebooks/_build.py
+Regenerate them (sources, outputs and plots) with one command, from the repository root:
 
-Edit the cells here, not in the .ipynb files; `tests/test_notebooks.py` executes the notebooks.
+    python notebooks/_build.py               # write + execute all three, in place (~1-2 min, CPU)
+    python notebooks/_build.py 02            # only the notebooks whose file name contains "02"
+    python notebooks/_build.py --no-execute  # write the sources only, without outputs
+
+Edit the cells here, never in the .ipynb files, and commit the executed notebooks so that a
+reader sees the outputs. Execution runs a fresh `python3` kernel of this interpreter on the CPU
+(`JAX_PLATFORMS=cpu`) with inline PNG plots. `tests/test_notebooks.py` checks that the committed
+notebooks carry exactly these sources and were executed, and executes them again (in memory; it
+never rewrites the files). The notebooks hold no library code: they only call `critic_jax`.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+import time
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# Per-cell limit when executing (the slowest cell, a short training run, takes ~30 s on 2 cores).
+CELL_TIMEOUT_S = 300
 
 
 def md(text: str):
@@ -43,6 +58,7 @@ import numpy as np
 import critic_jax as cj
 
 np.set_printoptions(precision=3, suppress=True, linewidth=120)
+plt.rcParams["figure.dpi"] = 72
 """),
     md("""
 ## The example
@@ -173,101 +189,229 @@ print(sweep.shape, "\\n", np.asarray(sweep)[:, 0, [3, 5, 8, 10]])
 
 TRAIN_A_CRITIC = [
     md("""
-# Train a critic on the synthetic MRP
+# Train a critic against the true values
 
-The default data is a synthetic token Markov reward process whose true values V* are known
-exactly, so a run can measure how far its critic is from the truth. This notebook trains the tiny
-critic for a few PPO iterations with `critic_jax.train.train` and compares its predictions with
-V* on held-out sequences.
+The default data is a synthetic token Markov reward process (`critic_jax.mrp`) whose true values
+V* and true advantages A* = Q* − V* are known exactly, so a run can measure how far its critic is
+from the truth, and how good the policy's advantages computed with that critic are. This notebook
+trains the tiny critic for a few PPO iterations with `critic_jax.train.train`, restores its
+checkpoint, and compares its values and advantages with V* and A* on held-out sequences.
 """),
     code("""
-import json
 import tempfile
 from pathlib import Path
 
+import jax
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from critic_jax import data
-from critic_jax.checkpoint import Checkpointer, abstract_like
+import critic_jax as cj
+from critic_jax.checkpoint import Checkpointer, restore_state
 from critic_jax.config import TrainConfig, from_dict
+from critic_jax.metrics import advantage_metrics, value_error_metrics
+from critic_jax.mrp import describe_mrp
 from critic_jax.parallel import make_mesh
-from critic_jax.train import from_checkpoint_tree, init_state, to_checkpoint_tree, train
+from critic_jax.train import build_critic, held_out, init_state, make_trainer, train
 
-print(data.describe_mrp())
+plt.rcParams["figure.dpi"] = 72
+print(describe_mrp())
+"""),
+    md("""
+## A short run
+
+40 PPO iterations of 64 rows (2 epochs × 4 minibatches: 320 AdamW steps). Every 4 iterations the
+loop evaluates the critic on 256 held-out rows (a random stream the training batches never use):
+the value metrics compare V with V*, the advantage metrics compare the policy's GAE advantages
+(λ = `ppo.policy_lam`) computed with V against A*. `on_step` receives each iteration's metrics
+(None on iterations that log nothing); the run also writes them to `WORKDIR/metrics.jsonl` and
+ends with a checkpoint and `summary.json`.
 """),
     code("""
-workdir = Path(tempfile.mkdtemp(prefix="critic_jax_nb02_"))
+tmp = tempfile.TemporaryDirectory(prefix="critic_jax_nb02_")
+workdir = Path(tmp.name)
 config = from_dict(
     TrainConfig,
     {
         "steps": 40,
         "workdir": str(workdir),
-        "log": {"every": 2, "eval_every": 4, "tensorboard": False},
+        "log": {"every": 2, "eval_every": 4, "eval_rows": 256, "tensorboard": False},
         "checkpoint": {"every": 0},
     },
 )
-summary = train(config)
-for key in ("steps", "optimizer_updates", "relative_value_error", "explained_variance_vs_true",
+history = []
+summary = train(config, on_step=lambda it, m: m is not None and history.append({"it": it, **m}))
+
+for key in ("steps", "optimizer_updates", "final_loss", "explained_variance",
+            "relative_value_error", "explained_variance_vs_true",
+            "advantage_error_vs_true", "advantage_sign_agreement", "advantage_rank_correlation",
             "compile_seconds", "train_seconds"):
-    print(f"{key:>28s}: {summary[key]:.3f}" if isinstance(summary[key], float) else
-          f"{key:>28s}: {summary[key]}")
+    value = summary[key]
+    print(f"{key:>28s}: {value:.3f}" if isinstance(value, float) else f"{key:>28s}: {value}")
+"""),
+    md("""
+- `relative_value_error`: RMSE(V − V*) / std(V*) over action tokens (0 is perfect, 1 is no better
+  than the constant mean of V*); `explained_variance_vs_true`: 1 − Var[V* − V] / Var[V*].
+- `advantage_error_vs_true`: RMSE(A − A*) / std(A*) of the GAE advantages A;
+  `advantage_sign_agreement`: the fraction of tokens (with A* clearly nonzero) where A and A*
+  have the same sign, i.e. where the policy gradient pushes the right way;
+  `advantage_rank_correlation`: Spearman's ρ between A and A* across the rows at each position,
+  the comparison that matters to a policy update that whitens advantages over the batch.
 """),
     code("""
-rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-axes[0].plot([r["iteration"] for r in rows], [r["loss"] for r in rows])
-axes[0].set_title("value loss (metrics.jsonl)")
-ev = [r for r in rows if "relative_value_error" in r]
-axes[1].plot([r["iteration"] for r in ev], [r["relative_value_error"] for r in ev], "o-")
-axes[1].set_title("RMSE(V - V*) / std(V*) on held-out rows")
-axes[1].set_ylim(bottom=0)
+evals = [h for h in history if "relative_value_error" in h]
+it = lambda rows: [r["it"] for r in rows]
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+axes[0].plot(it(history), [h["loss"] for h in history])
+axes[0].set_title("value loss (training batches)")
+axes[1].plot(it(evals), [h["relative_value_error"] for h in evals], "o-", label="relative error")
+axes[1].plot(it(evals), [h["explained_variance_vs_true"] for h in evals], "s--",
+             label="explained variance")
+axes[1].set_title("values V vs V* (held out)")
+for key, style in (("advantage_error_vs_true", "o-"), ("advantage_sign_agreement", "s--"),
+                   ("advantage_rank_correlation", "^:")):
+    axes[2].plot(it(evals), [h[key] for h in evals], style, label=key.removeprefix("advantage_"))
+axes[2].set_title("GAE advantages A vs A* (held out)")
 for ax in axes:
     ax.set_xlabel("PPO iteration")
+    ax.grid(alpha=0.3)
+axes[1].legend(fontsize=8)
+axes[2].legend(fontsize=8)
+fig.tight_layout()
+"""),
+    md("""
+## Restore the checkpoint and evaluate
+
+The pieces of the loop, called one by one: `build_critic` places fresh parameters on the mesh,
+`init_state` wraps them with the optimizer state, `restore_state` reads the run's last checkpoint
+onto that layout, `make_trainer` jits the update and the evaluation, and `held_out` is the batch
+the run evaluated on. The same seed gives the run's initial parameters, so the table compares
+the critic before and after training, and a critic that *is* V* (its advantages at λ = 0.95 are
+not A*: the sampled rewards of the remaining tokens add noise).
+"""),
+    code("""
+mesh = make_mesh(config.mesh)
+graphdef, params = build_critic(config, mesh)
+fresh = init_state(config, mesh, params)
+ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint)
+step, state, data_state = restore_state(ckpt, fresh)
+ckpt.close()
+print(f"restored iteration {step}, optimizer step {int(state.step)}, data iterator {data_state}")
+
+trainer = make_trainer(config, mesh, graphdef, state)
+evaluation = held_out(config, mesh)
+before = jax.device_get(trainer.evaluate(fresh.params, evaluation))
+after = jax.device_get(trainer.evaluate(state.params, evaluation))
+assert np.isclose(after["relative_value_error"], summary["relative_value_error"], rtol=1e-4)
+
+held = {k: np.asarray(v) for k, v in evaluation.items()}  # host copies of the held-out rows
+m = held["mask"] > 0
+lam = config.ppo.policy_lam
+adv_true_v, _ = cj.compute_gae(held["rewards"], held["true_values"], held["mask"], lam=lam)
+ideal = jax.device_get({
+    **value_error_metrics(held["true_values"], held["true_values"], held["mask"]),
+    **advantage_metrics(adv_true_v, held["true_advantages"], held["mask"]),
+})
+
+print(f"\\n{'':28s} {'untrained':>10s} {'trained':>10s} {'V = V*':>10s}")
+for key in ("relative_value_error", "explained_variance_vs_true", "advantage_error_vs_true",
+            "advantage_sign_agreement", "advantage_rank_correlation"):
+    print(f"{key:>28s} {before[key]:10.3f} {after[key]:10.3f} {ideal[key]:10.3f}")
+"""),
+    md("""
+The critic's predictions on every action token of the held-out rows, and the advantages the
+policy would get from them, against the truth:
+"""),
+    code("""
+critic = nnx.merge(graphdef, state.params)
+values = np.asarray(critic(held["tokens"], held["attention_mask"]))
+adv, _ = cj.compute_gae(held["rewards"], values, held["mask"], lam=lam)
+adv = np.asarray(adv)
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+for ax, x, y, name in ((axes[0], held["true_values"], values, "V"),
+                       (axes[1], held["true_advantages"], adv, f"A (GAE, λ={lam})")):
+    ax.scatter(x[m], y[m], s=3, alpha=0.25)
+    lim = [min(x[m].min(), y[m].min()), max(x[m].max(), y[m].max())]
+    ax.plot(lim, lim, "k:", lw=1)
+    ax.set_xlabel(f"true {name.split()[0]}*")
+    ax.set_ylabel(f"critic's {name}")
+    ax.set_title(f"{name} on {m.sum()} held-out action tokens", fontsize=10)
+row = int(np.argmax(m.sum(1)))  # the longest response
+t = np.flatnonzero(m[row])
+axes[2].plot(t, held["true_values"][row, t], "ko-", label="V*")
+axes[2].plot(t, values[row, t], "s--", label="critic V")
+axes[2].bar(t, held["rewards"][row, t], color="tab:gray", alpha=0.5, label="reward")
+axes[2].set_xlabel("token position")
+axes[2].set_title(f"held-out row {row}", fontsize=10)
+axes[2].legend(fontsize=8)
+for ax in axes:
     ax.grid(alpha=0.3)
 fig.tight_layout()
 """),
     md("""
-The run ends with a checkpoint. Restore it into a state built for the current mesh, rebuild the
-critic, and predict the values of held-out sequences (a random stream the training batches never
-use).
-"""),
-    code("""
-mesh = make_mesh(config.mesh)
-graphdef, state = init_state(config, mesh)
-ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint)
-step, tree, _ = ckpt.restore(abstract_like(to_checkpoint_tree(state)))
-ckpt.close()
-state = from_checkpoint_tree(tree, state)
-critic = nnx.merge(graphdef, state.params)
+If the untrained critic's sign agreement or rank correlation looks better than the trained one's,
+that is no mistake in the table: the last section shows why.
 
-held = data.held_out_batch(config.data, seed=config.seed, gamma=config.ppo.gamma, n=256)
-pred = np.asarray(critic(held["tokens"], held["attention_mask"]))
-m = held["mask"] > 0
-true = held["true_values"]
-rel = np.sqrt(np.mean((pred[m] - true[m]) ** 2)) / true[m].std()
-print(f"restored step {step}; relative error on 256 held-out rows: {rel:.3f}")
+## What the advantage metrics measure
+
+The advantage metrics judge a critic by what the policy gets from it, so they depend on the
+policy's λ as well. One `vmap` over λ of `compute_gae` and `advantage_metrics` compares three
+critics on the held-out rows: the trained one, V* itself, and a constant V = 0 (about what the
+untrained critic predicts).
 """),
     code("""
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-axes[0].scatter(true[m], pred[m], s=3, alpha=0.3)
-lim = [min(true[m].min(), pred[m].min()), max(true[m].max(), pred[m].max())]
-axes[0].plot(lim, lim, "k:", lw=1)
-axes[0].set_xlabel("true value V*")
-axes[0].set_ylabel("critic V")
-axes[0].set_title("every action token of 256 held-out rows")
-row = int(np.argmax(m.sum(1)))  # the longest response
-t = np.flatnonzero(m[row])
-axes[1].plot(t, true[row, t], "ko-", label="V*")
-axes[1].plot(t, pred[row, t], "s--", label="critic")
-axes[1].bar(t, held["rewards"][row, t], color="tab:gray", alpha=0.5, label="reward")
-axes[1].set_xlabel("token position")
-axes[1].set_title(f"held-out row {row}")
-axes[1].legend(fontsize=8)
-for ax in axes:
+def advantage_curves(lams, values, batch):
+    def at(lam):
+        a, _ = cj.compute_gae(batch["rewards"], values, batch["mask"], lam=lam)
+        return advantage_metrics(a, batch["true_advantages"], batch["mask"])
+
+    return jax.vmap(at)(lams)
+
+
+lams = np.linspace(0.0, 1.0, 21, dtype=np.float32)
+critics = {"trained critic": values, "V = V*": held["true_values"],
+           "V = 0": np.zeros_like(values)}
+sweep = jax.jit(advantage_curves)
+curves = {name: jax.device_get(sweep(lams, v, held)) for name, v in critics.items()}
+best = lams[np.argmin(curves["trained critic"]["advantage_error_vs_true"])]
+print(f"trained critic: the smallest advantage error is at λ = {best:.2f}")
+
+a_star, v_star, r = (held[k][m] for k in ("true_advantages", "true_values", "rewards"))
+clear = np.abs(a_star) > 1e-3 * a_star.std()
+agree = lambda x: np.mean((np.sign(a_star) == np.sign(x))[clear])
+print(f"on the tokens where A* is clearly nonzero, sign(A*) = sign(r_t) on {agree(r):.0%}, "
+      f"sign(A*) = sign(V*(s_t)) on {agree(v_star):.0%}")
+
+keys = ("advantage_error_vs_true", "advantage_sign_agreement", "advantage_rank_correlation")
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+for name, style in zip(critics, ("o-", "k--", "s:")):
+    for ax, key in zip(axes, keys):
+        ax.plot(lams, curves[name][key], style, ms=4, label=name)
+for ax, key in zip(axes, keys):
+    ax.axvline(lam, color="0.6", lw=1)
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("GAE λ of the advantages")
     ax.grid(alpha=0.3)
+axes[0].legend(fontsize=8)
 fig.tight_layout()
+"""),
+    md("""
+Reading the curves (the grey line is `ppo.policy_lam`, where the run evaluates):
+
+- With V = V*, λ = 0 gives A* exactly: in this MRP the next state is fixed by the action, so the
+  one-step TD error r_t + γV*(s_t+1) − V*(s_t) is Q* − V*. A larger λ only adds the noise of the
+  sampled future.
+- A learned critic's value error enters most at small λ, where A is built from V alone, and less
+  as λ grows; its best λ trades that bias against the noise of the future.
+- `advantage_error_vs_true` ranks the critics as one expects. Sign agreement and rank
+  correlation need care on this MRP: the sign of A* is largely predictable without any critic
+  (the line printed above), so the constant critic, whose A is just a λ-discounted sum of
+  rewards, scores well on them, at large λ better than V* itself. Compare critics on these two
+  metrics at the same λ and together with the error, never on their own.
+"""),
+    code("""
+tmp.cleanup()  # the run's workdir: metrics.jsonl, summary.json, checkpoints/
 """),
 ]
 
@@ -278,12 +422,13 @@ SHARDING = [
 
 The trainer runs one `jax.jit` over a `("data", "fsdp", "tensor")` device mesh. Parameters name
 their axes with logical names, and one rule table (`critic_jax.parallel.LOGICAL_AXIS_RULES`) maps
-them onto the mesh. Eight fake CPU devices stand in for accelerators here; the device count has
-to be set before JAX computes anything, hence the first cell.
+them onto the mesh. Eight fake CPU devices stand in for accelerators here; the platform and the
+device count have to be set before JAX computes anything, hence the first cell.
 """),
     code("""
 import jax
 
+jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 print(jax.devices())
 """),
@@ -294,9 +439,9 @@ from pathlib import Path
 import numpy as np
 
 from critic_jax import data, parallel
-from critic_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from critic_jax.checkpoint import CheckpointConfig, Checkpointer, restore_state, save_state
 from critic_jax.config import TrainConfig, from_dict, to_dict
-from critic_jax.train import from_checkpoint_tree, init_state, make_setup, to_checkpoint_tree
+from critic_jax.train import build_critic, init_state, make_trainer
 
 for logical, mesh_axis in parallel.LOGICAL_AXIS_RULES:
     print(f"{logical:>9s} -> {mesh_axis}")
@@ -305,106 +450,174 @@ for logical, mesh_axis in parallel.LOGICAL_AXIS_RULES:
 ## Where the parameters live
 
 A mesh of 2 (data) × 4 (fsdp): the batch is split 8 ways, and every parameter with an `embed`
-axis is split 4 ways along it (ZeRO-3 style), so each device holds a quarter of the parameters.
+axis is split 4 ways along it (ZeRO-3 style), so each device holds about a quarter of the
+parameters. `build_critic` creates them directly in that layout (no device ever holds the whole
+model), and `init_state` adds AdamW moments sharded like their parameters.
 """),
     code("""
-config = from_dict(TrainConfig, {"mesh": {"data": 2, "fsdp": 4}, "steps": 2})
+config = from_dict(TrainConfig, {"mesh": {"data": 2, "fsdp": 4}, "steps": 2,
+                                 "data": {"batch_size": 32}})
 mesh = parallel.make_mesh(config.mesh)
 print(dict(mesh.shape))
-graphdef, state = init_state(config, mesh)
+graphdef, params = build_critic(config, mesh)
+state = init_state(config, mesh, params)
 
 dev0 = jax.devices()[0]
-total = on_dev0 = 0
-for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0][:8]:
+def on_dev0(x):
+    return sum(s.data.nbytes for s in x.addressable_shards if s.device == dev0)
+
+def named_leaves(tree):
+    return [(jax.tree_util.keystr(p, simple=True, separator="/").removesuffix("/value"), x)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+def param(tree, name):
+    return dict(named_leaves(tree))[name]
+
+named = named_leaves(state.params)
+for name, x in named:
     shard = next(s for s in x.addressable_shards if s.device == dev0)
-    name = jax.tree_util.keystr(path).removesuffix(".value")
-    print(f"{name:40s} {str(x.shape):12s} spec={str(x.sharding.spec):26s} on device 0: "
-          f"{shard.data.shape}")
-for x in jax.tree.leaves(state.params):
-    total += x.nbytes
-    on_dev0 += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev0)
-print(f"parameter bytes: {total} in all, {on_dev0} on device 0 ({on_dev0 / total:.0%})")
+    print(f"{name:32s} {str(x.shape):15s} {str(x.sharding.spec):32s} device 0: {shard.data.shape}")
+for what, tree in (("parameter", params), ("AdamW moment", state.opt_state)):
+    leaves = [x for x in jax.tree.leaves(tree) if x.ndim]
+    total, mine = sum(x.nbytes for x in leaves), sum(on_dev0(x) for x in leaves)
+    print(f"{what} bytes: {total} in all, {mine} on device 0 ({mine / total:.0%})")
 """),
     code("""
-embed = state.params["backbone"]["embed"][...]
+# Which slice of the embedding table each device holds.
+name, embed = next((n, x) for n, x in named if "embed" in n and x.ndim == 2)
 for device, index in sorted(embed.sharding.devices_indices_map(embed.shape).items(),
                             key=lambda kv: kv[0].id):
     rows, cols = (f"{s.start or 0}:{s.stop or n}" for s, n in zip(index, embed.shape))
-    print(f"{device} holds embed[{rows}, {cols}]")
+    print(f"{device} holds {name}[{rows}, {cols}]")
 """),
     md("""
 ## One sharded update
 
 A rollout batch is split over `("data", "fsdp")`; the update of one PPO iteration (old values,
 GAE, epochs × minibatches of AdamW steps) is a single jitted call with the state donated.
+`make_trainer` jits it with explicit shardings; compiling it ahead of time (as the training loop
+does) shows the collectives XLA inserted for the sharded axes: all-gathers of the fsdp-sharded
+parameters, and reductions of the gradients over the batch axes.
 """),
     code("""
-setup = make_setup(config, mesh, state, graphdef)
-iterator = data.make_rollout_iterator(config.data, seed=0, gamma=config.ppo.gamma)
+trainer = make_trainer(config, mesh, graphdef, state)
+iterator = data.make_rollout_iterator(config.data, seed=config.seed, gamma=config.ppo.gamma)
 raw = next(iterator)
-batch = parallel.make_global_batch(
-    {
-        "tokens": raw["tokens"].astype(np.int32),
-        "attention_mask": raw["attention_mask"].astype(np.int32),
-        "mask": raw["mask"].astype(np.float32),
-        "rewards": raw["rewards"].astype(np.float32),
-    },
-    mesh,
-)
+batch = parallel.make_global_batch({k: raw[k] for k in trainer.batch_keys}, mesh)
+print("batch keys", trainer.batch_keys)
 print("tokens", batch["tokens"].shape, "rows per device:",
       {s.device.id: s.data.shape[0] for s in batch["tokens"].addressable_shards})
-state, metrics = setup.update(state, batch)
+
+compiled = trainer.update.lower(state, batch).compile()
+hlo = compiled.as_text()
+print({op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+       for op in ("all-gather", "reduce-scatter", "all-reduce")})
+
+state, metrics = compiled(state, batch)
 print({k: round(float(v), 4) for k, v in metrics.items() if k in ("loss", "grad_norm")})
-print("optimizer step", int(state.step))
+print("optimizer step", int(state.step), "| iteration", int(state.iteration))
 """),
     md("""
 ## Save, then restore onto a different mesh
 
-`Checkpointer` saves the state, the data iterator's position and the config together
-(asynchronously). Restoring takes an abstract state built for the *current* mesh, so a run saved
-on 2 × 4 devices can resume on a mesh of 8-way fsdp, and the values are bit-identical.
+`save_state` saves the state, the data iterator's position and the config together
+(asynchronously, through Orbax). `restore_state` reads a checkpoint onto the shardings of the
+state it is given, built for the *current* mesh: a state saved on 2 × 4 devices comes back
+8-way fsdp, bit-identical. (The training loop itself resumes a run only under the settings it
+was saved with, the mesh included; this is the lower level it is built on.)
 """),
     code("""
-directory = Path(tempfile.mkdtemp(prefix="critic_jax_nb03_")) / "checkpoints"
-ckpt = Checkpointer(directory, CheckpointConfig())
-ckpt.save(1, to_checkpoint_tree(state), data_state=iterator.get_state(), config=to_dict(config))
+tmp = tempfile.TemporaryDirectory(prefix="critic_jax_nb03_")
+ckpt = Checkpointer(Path(tmp.name) / "checkpoints", CheckpointConfig())
+save_state(ckpt, 1, state, data_state=iterator.get_state(), config=to_dict(config))
 ckpt.wait()
-print("saved steps:", ckpt.all_steps(), "in", directory)
+print("saved steps:", ckpt.all_steps())
 
 config8 = from_dict(TrainConfig, {"mesh": {"data": 1, "fsdp": 8}}, base=config)
 mesh8 = parallel.make_mesh(config8.mesh)
-graphdef8, fresh = init_state(config8, mesh8)
-step, tree, data_state = ckpt.restore(abstract_like(to_checkpoint_tree(fresh)))
-restored = from_checkpoint_tree(tree, fresh)
+graphdef8, params8 = build_critic(config8, mesh8)
+step, restored, data_state = restore_state(ckpt, init_state(config8, mesh8, params8))
 ckpt.close()
 
-embed8 = restored.params["backbone"]["embed"][...]
-print("restored step", step, "data iterator", data_state)
-print("embed spec before:", embed.sharding.spec, "after:", embed8.sharding.spec,
-      "| shard on device 0:", embed8.addressable_shards[0].data.shape)
+embed, embed8 = param(state.params, name), param(restored.params, name)
+print("restored step", step, "| data iterator", data_state, "| mesh", dict(mesh8.shape))
+print(f"{name}: spec {embed.sharding.spec} -> {embed8.sharding.spec}, shard on device 0 "
+      f"{embed.addressable_shards[0].data.shape} -> {embed8.addressable_shards[0].data.shape}")
 same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                     jax.device_get(state), jax.device_get(restored))
 assert all(jax.tree.leaves(same))
 print("every restored array equals the saved one")
+tmp.cleanup()
 """),
 ]
 
 
-def main() -> None:
-    for name, cells in (
-        ("01_pure_functions.ipynb", PURE_FUNCTIONS),
-        ("02_train_a_critic.ipynb", TRAIN_A_CRITIC),
-        ("03_sharding_and_checkpoints.ipynb", SHARDING),
-    ):
-        nb = new_notebook(cells=cells)
-        nb.metadata["kernelspec"] = {
-            "name": "python3",
-            "display_name": "Python 3 (ipykernel)",
-            "language": "python",
-        }
-        nb.metadata["language_info"] = {"name": "python"}
+NOTEBOOKS = {
+    "01_pure_functions.ipynb": PURE_FUNCTIONS,
+    "02_train_a_critic.ipynb": TRAIN_A_CRITIC,
+    "03_sharding_and_checkpoints.ipynb": SHARDING,
+}
+
+
+def build(name: str):
+    """The notebook `name` with the cells above and no outputs."""
+    nb = new_notebook(cells=[nbformat.from_dict(cell) for cell in NOTEBOOKS[name]])
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i:02d}"  # stable ids: a rebuild changes only what changed
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def kernel_env(**overrides: str) -> dict[str, str]:
+    """The kernel's environment: this one, on the CPU, with the inline (PNG) plot backend, and
+    this interpreter's scripts first on PATH."""
+    env = dict(os.environ)
+    env.pop("MPLBACKEND", None)  # Agg here would leave the plots out of the outputs
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(overrides)
+    return env
+
+
+def execute(nb, *, timeout: int = CELL_TIMEOUT_S, env: dict[str, str] | None = None):
+    """Runs `nb` top to bottom in a fresh kernel of this interpreter, in place; a cell that raises
+    raises `nbclient.exceptions.CellExecutionError`. Returns `nb`."""
+    from nbclient import NotebookClient  # only execution needs nbclient
+
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(REPO)}},
+    )
+    client.execute(env=env or kernel_env())
+    return nb
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", help="build the notebooks whose name contains this")
+    parser.add_argument("--no-execute", action="store_true", help="write sources, no outputs")
+    args = parser.parse_args(argv)
+    names = [n for n in NOTEBOOKS if not args.only or any(s in n for s in args.only)]
+    if not names:
+        parser.error(f"no notebook matches {args.only}; have {list(NOTEBOOKS)}")
+    for name in names:
+        nb = build(name)
+        t0 = time.perf_counter()
+        if not args.no_execute:
+            execute(nb)
+        nbformat.validate(nb)
         nbformat.write(nb, HERE / name)
-        print("wrote", HERE / name)
+        size = (HERE / name).stat().st_size
+        took = "" if args.no_execute else f", executed in {time.perf_counter() - t0:.1f}s"
+        print(f"wrote {HERE / name} ({size / 1024:.0f} KiB{took})")
 
 
 if __name__ == "__main__":
