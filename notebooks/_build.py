@@ -220,12 +220,12 @@ print(describe_mrp())
     md("""
 ## A short run
 
-40 PPO iterations of 64 rows (2 epochs × 4 minibatches: 320 AdamW steps). Every 4 iterations the
-loop evaluates the critic on 256 held-out rows (a random stream the training batches never use):
-the value metrics compare V with V*, the advantage metrics compare the policy's GAE advantages
-(λ = `ppo.policy_lam`) computed with V against A*. `on_step` receives each iteration's metrics
-(None on iterations that log nothing); the run also writes them to `WORKDIR/metrics.jsonl` and
-ends with a checkpoint and `summary.json`.
+40 PPO iterations of 64 rows (2 epochs × 4 minibatches: 320 AdamW steps), the critic's targets
+GAE returns with λ = 0.95. Every 4 iterations the loop evaluates the critic on 256 held-out rows
+(a random stream the training batches never use): the value metrics compare V with V*, the
+advantage metrics compare the policy's GAE advantages (λ = `ppo.policy_lam` = 0.95) computed
+with V against A*. `on_step` receives the metrics of each logged iteration; the run also writes
+them to `WORKDIR/metrics.jsonl` and ends with a checkpoint and `summary.json`.
 """),
     code("""
 tmp = tempfile.TemporaryDirectory(prefix="critic_jax_nb02_")
@@ -235,12 +235,21 @@ config = from_dict(
     {
         "steps": 40,
         "workdir": str(workdir),
+        "data": {"batch_size": 64},
+        "ppo": {"ppo_epochs": 2, "minibatch_size": 16, "lam": 0.95, "policy_lam": 0.95},
         "log": {"every": 2, "eval_every": 4, "eval_rows": 256, "tensorboard": False},
         "checkpoint": {"every": 0},
     },
 )
 history = []
-summary = train(config, on_step=lambda it, m: m is not None and history.append({"it": it, **m}))
+
+
+def on_step(iteration, metrics):  # metrics is None on iterations that log nothing
+    if metrics is not None:
+        history.append({"it": iteration, **metrics})
+
+
+summary = train(config, on_step=on_step)
 
 for key in ("steps", "optimizer_updates", "final_loss", "explained_variance",
             "relative_value_error", "explained_variance_vs_true",
@@ -255,8 +264,8 @@ for key in ("steps", "optimizer_updates", "final_loss", "explained_variance",
 - `advantage_error_vs_true`: RMSE(A − A*) / std(A*) of the GAE advantages A;
   `advantage_sign_agreement`: the fraction of tokens (with A* clearly nonzero) where A and A*
   have the same sign, i.e. where the policy gradient pushes the right way;
-  `advantage_rank_correlation`: Spearman's ρ between A and A* across the rows at each position,
-  the comparison that matters to a policy update that whitens advantages over the batch.
+  `advantage_rank_correlation`: Spearman's ρ between A and A* across the rows at each token
+  position, averaged over the positions (a policy update compares advantages within a batch).
 """),
     code("""
 evals = [h for h in history if "relative_value_error" in h]
@@ -287,7 +296,7 @@ The pieces of the loop, called one by one: `build_critic` places fresh parameter
 onto that layout, `make_trainer` jits the update and the evaluation, and `held_out` is the batch
 the run evaluated on. The same seed gives the run's initial parameters, so the table compares
 the critic before and after training, and a critic that *is* V* (its advantages at λ = 0.95 are
-not A*: the sampled rewards of the remaining tokens add noise).
+not A*: the sampled rewards of the later tokens add noise).
 """),
     code("""
 mesh = make_mesh(config.mesh)
