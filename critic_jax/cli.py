@@ -304,8 +304,55 @@ def _plan(args: list[str]) -> int:
     return 0
 
 
+_SCORE_OPTIONS = {"workdir": str, "out": str, "whiten": bool}
+_SCORE_HELP = """score options (besides the `critic-jax train` options below that apply:
+--data.path, --init-from, --ppo.gamma, --ppo.lam, --ppo.policy-lam, --ppo.adaptive-lam-alpha,
+--data.kl-*, --data.batch-size, --mesh.*):
+  --workdir RUN           score with this training run's latest checkpoint (its model), or
+  --init-from HF_DIR      with an exported Hugging Face critic
+  --data.path GLOB        the Parquet rollouts to score
+  --out FILE              the Parquet file to write: the input's columns plus `values`,
+                          `returns` (critic λ = --ppo.lam) and `advantages` (policy λ)
+  --whiten                whiten the advantages over all valid tokens
+"""
+
+
 def _score(args: list[str]) -> int:
-    raise ValueError("score is not available yet")
+    opts, rest = _pop_options(args, _SCORE_OPTIONS)
+    if "-h" in rest or "--help" in rest:
+        print(_SCORE_HELP)
+    base = _train_config(rest, prog="critic-jax score", description="Score rollouts.")
+    if base.data.path is None:
+        raise ValueError("score needs --data.path GLOB (Parquet rollouts). Received: none")
+    if "out" not in opts:
+        raise ValueError("score needs --out FILE. Received: none")
+    from tqdm import tqdm
+
+    from critic_jax import score as score_lib
+
+    cfg, critic = score_lib.score_config(
+        base, workdir=opts.get("workdir"), init_from=base.init_from
+    )
+    print(f"critic-jax: scoring {base.data.path} with the {critic}", file=sys.stderr)
+    bar = tqdm(desc="score", unit="row", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        summary = score_lib.score(
+            cfg,
+            paths=base.data.path,
+            out=opts["out"],
+            workdir=opts.get("workdir"),
+            whiten=opts.get("whiten", "false").lower() in ("true", "1", "yes"),
+            on_progress=progress,
+        )
+    finally:
+        bar.close()
+    print(json.dumps(summary))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -392,3 +392,53 @@ def read_rollouts(
             "to train on."
         )
     return result
+
+
+def write_scored(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    columns: Mapping[str, np.ndarray],
+    *,
+    compression: str = "zstd",
+) -> int:
+    """Writes the rows of `paths` (in `read_rollouts`' order) with new list columns beside theirs.
+
+    Each new column is a float32 [N, T] array laid out as `read_rollouts` returned the rows
+    (right-padded); each row keeps the length of its own lists. The file is written beside its
+    destination and renamed into place.
+
+    Args:
+      paths: the rollout files, exactly as given to `read_rollouts`.
+      out: the Parquet file to write.
+      columns: name -> float32 [N, T]; existing columns of the same name are replaced.
+
+    Returns:
+      The number of rows written.
+
+    Raises:
+      RolloutError: if the files cannot be read or do not have N rows.
+    """
+    files = _resolve_paths(paths)
+    try:
+        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    except (OSError, pa.ArrowException) as e:
+        raise RolloutError(f"Cannot read {files} again to add the scored columns: {e}") from e
+    lengths = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)
+    for name, values in columns.items():
+        values = np.asarray(values, np.float32)
+        if values.shape[0] != table.num_rows:
+            raise RolloutError(
+                f"{name} has {values.shape[0]} rows but {files} hold {table.num_rows}."
+            )
+        keep = np.arange(values.shape[1])[None, :] < lengths[:, None]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep]))
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, column)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression=compression)
+    os.replace(tmp, out)
+    return table.num_rows
