@@ -187,7 +187,9 @@ class StopConfig:
 
 
 def _default_model() -> ModelConfig:
-    return ModelConfig.tiny(vocab_size=DataConfig().mrp.vocab_size)
+    # HL-Gauss bins (`--model.value-head hl-gauss`) cover the default MRP's returns: its V* lies
+    # in [-3.0, 2.9] and sampled returns spread wider.
+    return ModelConfig.tiny(vocab_size=DataConfig().mrp.vocab_size, value_min=-6.0, value_max=6.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
