@@ -69,6 +69,7 @@ _FLOAT_DTYPES = {
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(jnp.bfloat16),
 }
+_READ_CHUNK = 16 * 2**20  # bytes of a tensor's rows read at once
 Shardings = Any  # a pytree of jax.sharding.Sharding like nnx.state(model, nnx.Param)
 
 
@@ -333,15 +334,21 @@ class _SafetensorsFile:
             rows = slice(*index[0].indices(shape[0])[:2]) if index else slice(0, shape[0])
             row_shape = shape[1:]
         row_bytes = math.prod(row_shape) * dtype.itemsize
-        count = max(rows.stop - rows.start, 0)
+        # Rows are read in chunks of about _READ_CHUNK bytes and sliced at once, so reading a
+        # column slice (a device's part of an fsdp-split weight) never holds the whole tensor.
+        step = max(1, _READ_CHUNK // max(row_bytes, 1))
+        parts = []
         with open(self.path, "rb") as f:
-            raw = os.pread(
-                f.fileno(), count * row_bytes, self.data_offset + begin + rows.start * row_bytes
-            )
-        x = np.frombuffer(raw, dtype).reshape((count, *row_shape) if shape else ())
-        if shape and index:
-            x = x[(slice(None), *index[1:])]
-        x = np.asarray(x, np.float32)
+            for lo in range(rows.start, max(rows.stop, rows.start + 1), step):
+                count = max(min(step, rows.stop - lo), 0)
+                raw = os.pread(
+                    f.fileno(), count * row_bytes, self.data_offset + begin + lo * row_bytes
+                )
+                x = np.frombuffer(raw, dtype).reshape((count, *row_shape) if shape else ())
+                if shape and index:
+                    x = x[(slice(None), *index[1:])]
+                parts.append(np.array(x, np.float32))
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if not np.isfinite(x).all():
             raise ValueError(
                 f"Tensor {name!r} in {self.path} holds NaN or inf values; a checkpoint to "
