@@ -307,6 +307,15 @@ def test_bfloat16_params():
     assert _apply(model, _tokens()).dtype == jnp.float32
 
 
+def test_remat_accepts_the_old_boolean():
+    assert [dataclasses.replace(CONFIG, remat=r).remat for r in (True, False, "True", "false")] == [
+        "full",
+        "none",
+        "full",
+        "none",
+    ]
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "attention-out", True])
 def test_remat_gives_the_same_gradients(critic, remat):
     graphdef, params = nnx.split(critic, nnx.Param)

@@ -176,7 +176,8 @@ class ModelConfig:
       remat: what the backward pass keeps of each block: "none" (everything), "full" (only the
         block's input; the rest is recomputed), "dots" (the outputs of the weight matmuls:
         projections and MLP; attention and elementwise ops are recomputed), "attention-out" (the
-        attention output before its projection). True and False are read as "full" and "none".
+        attention output before its projection). True and False (or "true" / "false") are read as
+        "full" and "none".
       attention: attention implementation, one of `ATTENTION_IMPLEMENTATIONS` (see
         `critic_jax.models.attention`); "auto" picks the fused kernel of the backend (cuDNN on
         GPU, splash on TPU) and an XLA path on CPU.
@@ -234,8 +235,10 @@ class ModelConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        if isinstance(self.remat, bool):  # The boolean flag of earlier configs.
-            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        # The boolean flag of earlier configs (and its spelling on a command line).
+        if isinstance(self.remat, bool) or str(self.remat).lower() in ("true", "false"):
+            on = self.remat is True or str(self.remat).lower() == "true"
+            object.__setattr__(self, "remat", "full" if on else "none")
         for name in (
             "vocab_size",
             "d_model",
