@@ -26,12 +26,15 @@ for _name in ("orbax", "absl"):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Attributes:
-    every: save every this many iterations (0: only at the end and on preemption).
-    max_to_keep: how many recent checkpoints to keep.
-    async_save: write in a background thread while training goes on.
-    restore: resume from the latest checkpoint in the workdir if there is one.
-    restore_step: resume from this step instead of the latest.
+    """Orbax checkpoints of the state, the data position and the config.
+
+    Attributes:
+      every: save every this many iterations (0: only at the end and on preemption).
+      max_to_keep: how many recent checkpoints to keep.
+      async_save: write in a background thread while training goes on.
+      restore: resume from the latest checkpoint in the workdir if there is one.
+      restore_step: resume from this step instead of the latest; later checkpoints of the
+        earlier run are moved to `checkpoints-superseded/`.
     """
 
     every: int = 100

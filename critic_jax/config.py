@@ -104,7 +104,9 @@ class OptimConfig:
       warmup_steps: optimizer updates of linear warmup from 0.
       end_lr_ratio: final learning rate as a fraction of the peak (cosine decay).
       weight_decay: decoupled weight decay.
-      b1, b2, eps: Adam moments.
+      b1: Adam's first-moment decay, in [0, 1).
+      b2: Adam's second-moment decay, in [0, 1).
+      eps: Adam's denominator epsilon, > 0.
       grad_clip: global-norm clip; 0 disables.
     """
 
@@ -140,11 +142,13 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
-    """Attributes:
-    every: log metrics every this many iterations.
-    eval_every: evaluate against held-out data every this many iterations (0: only at the end).
-    eval_rows: held-out rows for evaluation.
-    tensorboard: write TensorBoard event files.
+    """Logging and evaluation.
+
+    Attributes:
+      every: log metrics every this many iterations.
+      eval_every: evaluate against held-out data every this many iterations (0: only at the end).
+      eval_rows: held-out rows for evaluation.
+      tensorboard: write TensorBoard event files.
     """
 
     every: int = 10
