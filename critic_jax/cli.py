@@ -32,7 +32,14 @@ subcommands:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MakeRollouts:
-    """Write synthetic MRP rollouts (with their true values) to Parquet.
+    """Write synthetic MRP rollouts (with their true values) to Parquet, in the rollout schema
+    that `critic-jax train --data.path` and `critic-jax score` read. One row per sequence:
+    tokens list<int> (prompt then response); attention_mask list<int|bool> (1 on real tokens);
+    mask list<bool|int|float> (1 where token t is an action whose loss counts); rewards
+    list<float> (reward for emitting token t) or sequence_reward float (one per row, placed on
+    its last action); optional old_values, logprobs, ref_logprobs (for data.kl-coef),
+    true_values, true_advantages list<float>. The lists of one row have one length; rows may
+    differ.
 
     Attributes:
       out: the Parquet file to write.
