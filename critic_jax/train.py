@@ -552,8 +552,10 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
       Interrupted: on SIGINT / SIGTERM before the first update (nothing written).
     """
     workdir = Path(config.workdir)
-    with _Signals() as signals, WorkdirLock(workdir):
+    with _Signals() as signals, contextlib.ExitStack() as stack:
         parallel.initialize_distributed()
+        if jax.process_index() == 0:  # the processes of one run share the workdir
+            stack.enter_context(WorkdirLock(workdir))
         config = resolve_config(config)
         mesh = parallel.make_mesh(config.mesh)
         config.check_mesh(mesh.size, jax.process_count())

@@ -16,7 +16,7 @@ import pytest
 from critic_jax import config as config_lib
 from critic_jax import parallel
 from critic_jax import train as train_lib
-from critic_jax.checkpoint import Checkpointer, abstract_like
+from critic_jax.checkpoint import Checkpointer, restore_state
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 10
@@ -64,11 +64,11 @@ def _final(workdir: Path):
         config_lib.TrainConfig,
         {**OVERRIDES, "workdir": str(workdir), "mesh": {"data": 1, "num_devices": 1}},
     )
-    _, like = train_lib.init_state(cfg, parallel.make_mesh(cfg.mesh))
+    _, like = train_lib.abstract_state(cfg, parallel.make_mesh(cfg.mesh))
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    step, tree, data_state = ckpt.restore(abstract_like(train_lib.to_checkpoint_tree(like)))
+    step, state, data_state = restore_state(ckpt, like)
     ckpt.close()
-    return step, jax.device_get(train_lib.from_checkpoint_tree(tree, like)), data_state
+    return step, jax.device_get(state), data_state
 
 
 @pytest.mark.slow
