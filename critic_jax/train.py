@@ -141,11 +141,16 @@ def build_critic(
         with jax.set_mesh(mesh):
             return graphdef, jax.jit(make_params, out_shardings=shardings)()
     m = config.model
-    loaded = nnx.state(
-        critic_from_hf(config.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat),
-        nnx.Param,
+    # Each device reads only its slice of each tensor: no host holds the whole model.
+    critic = critic_from_hf(
+        config.init_from,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        attention=m.attention,
+        shardings=lambda abstract: parallel.state_shardings(abstract, mesh),
     )
-    return graphdef, place_like(loaded, abs_params, shardings, source=config.init_from)
+    return graphdef, nnx.state(critic, nnx.Param)
 
 
 def place_like(params: Any, like: Any, shardings: Any, *, source: str = "params") -> Any:
