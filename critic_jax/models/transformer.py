@@ -69,73 +69,38 @@ _TINY: dict[str, Any] = dict(
 )
 
 # The published shapes of the Hugging Face checkpoints of these names (config.json); random init.
+# Each preset sets every shape field: the columns below, then its rope scaling, then `_TINY`'s.
+_PRESET_COLUMNS = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_original_max_position",
+    "qkv_bias",
+    "tie_embeddings",
+)
+_LLAMA31_ROPE = dict(rope_scaling="llama3", rope_factor=32.0)
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(  # meta-llama/Meta-Llama-3-8B
-        vocab_size=128256,
-        d_model=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        mlp_dim=14336,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling="none",
-        rope_factor=1.0,
-        rope_original_max_position=8192,
-        qkv_bias=False,
-        tie_embeddings=False,
-    ),
-    "llama3.2-1b": dict(  # meta-llama/Llama-3.2-1B
-        vocab_size=128256,
-        d_model=2048,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=64,
-        mlp_dim=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling="llama3",
-        rope_factor=32.0,
-        rope_low_freq_factor=1.0,
-        rope_high_freq_factor=4.0,
-        rope_original_max_position=8192,
-        qkv_bias=False,
-        tie_embeddings=True,
-    ),
-    "qwen2.5-0.5b": dict(  # Qwen/Qwen2.5-0.5B
-        vocab_size=151936,
-        d_model=896,
-        num_layers=24,
-        num_heads=14,
-        num_kv_heads=2,
-        head_dim=64,
-        mlp_dim=4864,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        rope_scaling="none",
-        rope_factor=1.0,
-        rope_original_max_position=32768,
-        qkv_bias=True,
-        tie_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(  # Qwen/Qwen2.5-7B
-        vocab_size=152064,
-        d_model=3584,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        head_dim=128,
-        mlp_dim=18944,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        rope_scaling="none",
-        rope_factor=1.0,
-        rope_original_max_position=131072,
-        qkv_bias=True,
-        tie_embeddings=False,
-    ),
+    name: {**_TINY, **dict(zip(_PRESET_COLUMNS, row, strict=True)), **rope}
+    for name, row, rope in (
+        # meta-llama/Meta-Llama-3-8B (no rope scaling; Llama 3.1 added it)
+        ("llama3-8b", (128256, 4096, 32, 32, 8, 128, 14336, 1e-5, 5e5, 8192, False, False), {}),
+        # meta-llama/Llama-3.2-1B
+        (
+            "llama3.2-1b",
+            (128256, 2048, 16, 32, 8, 64, 8192, 1e-5, 5e5, 8192, False, True),
+            _LLAMA31_ROPE,
+        ),
+        # Qwen/Qwen2.5-0.5B
+        ("qwen2.5-0.5b", (151936, 896, 24, 14, 2, 64, 4864, 1e-6, 1e6, 32768, True, True), {}),
+        # Qwen/Qwen2.5-7B
+        ("qwen2.5-7b", (152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, 131072, True, False), {}),
+    )
 }
 
 
