@@ -187,6 +187,9 @@ class Checkpointer:
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
                         data=ocp.args.JsonRestore(),
+                        # Read too, so a step whose config is damaged counts as damaged: the
+                        # resume check (which reads it) must never be skipped for it.
+                        config=ocp.args.JsonRestore(),
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - any damage to a step means: try an older one

@@ -134,6 +134,8 @@ def write_rollouts(
 
 def _resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if not items:
+        raise RolloutError(f"No rollout files given (an empty list of paths). Received: {paths!r}")
     files: list[str] = []
     for item in items:
         item = os.fspath(item)
@@ -227,6 +229,8 @@ def _read_file(
             fail(r, name, f"has {n[r]} entries but 'tokens' has {lengths[r]} (ragged row).")
         flat[name] = values.to_numpy(zero_copy_only=False)
     assert lengths is not None
+    if len(lengths) == 0:
+        raise RolloutError(f"{file}: the file has no rows (an empty rollout file).")
     if (empty := np.flatnonzero(lengths == 0)).size:
         fail(int(empty[0]), "tokens", "is an empty list (a rollout needs at least one token).")
     starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -258,6 +262,11 @@ def _read_file(
     if (bad := (mask != 0) & (attention == 0)).any():
         fail_at("mask", bad, "marks padding (attention_mask 0) as an action.")
     valid = mask != 0
+    if not valid.any():
+        raise RolloutError(
+            f"{file}: column 'mask' is 0 in every row: the file holds no action token, so "
+            "nothing in it can be trained on."
+        )
     for name in FLOAT_COLUMNS:
         if name in flat:
             x = flat[name].astype(np.float32)
@@ -321,7 +330,8 @@ def read_rollouts(
 
     Raises:
       RolloutError (a ValueError): on any invalid file, row or column (an empty row, a token
-        outside the vocabulary, a shaped reward that overflows), no rows or no action at all.
+        outside the vocabulary, a shaped reward that overflows), no paths, or a file with no
+        rows or no action token.
     """
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}. Received: {kl_kind!r}")
