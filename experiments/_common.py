@@ -48,6 +48,8 @@ def run_critic(
     label: str = "",
     build_model: Callable | None = None,
     loss_fn: Callable | None = None,
+    transform_batch: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    extra_metrics: Callable[[Any], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """`critic_jax.train.run` in a temporary workdir, recording every iteration's metrics.
 
@@ -63,11 +65,15 @@ def run_critic(
       snapshot_at: iterations after which to keep a host copy of the parameters (0 = start).
       label: printed with the progress lines.
       build_model, loss_fn: `train.Hooks` fields (default: a `Critic` and the critic loss).
+      transform_batch: a further change of each host batch (after the reward noise).
+      extra_metrics: `(params) -> metrics` added to every iteration's row, iteration 0 included
+        (an evaluation of the experiment's own).
 
     Returns:
       {"history": [per-iteration metrics dicts, with "iteration"; iteration 0 holds the
-       evaluation of the initial parameters when eval_every > 0], "params": final params (host),
-       "graphdef", "snapshots": {iteration: params}, "compile_seconds", "train_seconds"}.
+       evaluation of the initial parameters when eval_every > 0 or extra_metrics is set],
+       "params": final params (host), "graphdef", "snapshots": {iteration: params},
+       "compile_seconds", "train_seconds"}.
     """
     rng = np.random.default_rng([config.seed, 7])
     history: list[dict[str, Any]] = []
@@ -77,14 +83,16 @@ def run_critic(
         out["graphdef"], fresh = (build_model or train.build_critic)(cfg, mesh)
         return out["graphdef"], fresh
 
-    def add_noise(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rewards = np.asarray(batch["rewards"], np.float32)
-        noise = rng.normal(0.0, reward_noise, rewards.shape).astype(np.float32)
-        batch["rewards"] = rewards + noise * (np.asarray(batch["mask"]) != 0)
-        return batch
+    def transform(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if reward_noise:
+            rewards = np.asarray(batch["rewards"], np.float32)
+            noise = rng.normal(0.0, reward_noise, rewards.shape).astype(np.float32)
+            batch["rewards"] = rewards + noise * (np.asarray(batch["mask"]) != 0)
+        return transform_batch(batch) if transform_batch else batch
 
     def on_iteration(it: int, metrics: dict[str, float] | None, state) -> None:
-        history.append({"iteration": it, **(metrics or {})})
+        extra = extra_metrics(state.params) if extra_metrics else {}
+        history.append({"iteration": it, **(metrics or {}), **extra})
         if it in snapshot_at:
             out["snapshots"][it] = jax.device_get(state.params)
         if it == config.steps:
@@ -102,10 +110,10 @@ def run_critic(
         build_model=build,
         loss_fn=loss_fn,
         initial_params=None if params is None else (lambda _: params),
-        transform_batch=add_noise if reward_noise else None,
+        transform_batch=transform if reward_noise or transform_batch else None,
         on_iteration=on_iteration,
         eval_every=eval_every,
-        eval_at_start=eval_every > 0,
+        eval_at_start=eval_every > 0 or extra_metrics is not None,
     )
     with tempfile.TemporaryDirectory(prefix="critic_jax_experiment_") as workdir:
         config = dataclasses.replace(
