@@ -220,12 +220,12 @@ print(describe_mrp())
     md("""
 ## A short run
 
-40 PPO iterations of 64 rows (2 epochs × 4 minibatches: 320 AdamW steps), the critic's targets
-GAE returns with λ = 0.95. Every 4 iterations the loop evaluates the critic on 256 held-out rows
-(a random stream the training batches never use): the value metrics compare V with V*, the
-advantage metrics compare the policy's GAE advantages (λ = `ppo.policy_lam` = 0.95) computed
-with V against A*. `on_step` receives the metrics of each logged iteration; the run also writes
-them to `WORKDIR/metrics.jsonl` and ends with a checkpoint and `summary.json`.
+40 PPO iterations of 64 rows (2 epochs × 4 minibatches: 320 AdamW steps), the critic's targets are
+GAE returns with λ = 0.95. Every 4 iterations the loop evaluates the critic on 256 held-out rows (a
+random stream the training batches never use): the value metrics compare V with V*, the advantage
+metrics compare the policy's GAE advantages (λ = `ppo.policy_lam` = 0.95) computed with V against
+A*. `on_step` receives the metrics of each logged iteration; the run also writes them to
+`WORKDIR/metrics.jsonl` and ends with a checkpoint and `summary.json`.
 """),
     code("""
 tmp = tempfile.TemporaryDirectory(prefix="critic_jax_nb02_")
