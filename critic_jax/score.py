@@ -23,45 +23,18 @@ import numpy as np
 from critic_jax import parallel
 from critic_jax import train as train_lib
 from critic_jax import update as update_lib
-from critic_jax.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, restore_state
-from critic_jax.config import TrainConfig, from_dict
+from critic_jax.config import TrainConfig
 from critic_jax.masking import masked_whiten
 from critic_jax.rollouts import read_rollouts, write_scored
 
 SCORED_COLUMNS = ("values", "returns", "advantages")
 
 
-def config_of_workdir(workdir: str | Path) -> tuple[TrainConfig, int]:
-    """The config a workdir's latest readable checkpoint was trained with, and that step.
-
-    Raises:
-      CheckpointError: when the workdir has no checkpoint with a readable config.
-    """
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise CheckpointError(f"No checkpoints in {workdir} (no {directory}).")
-    ckpt = Checkpointer(directory, CheckpointConfig(), on_warning=lambda s: None)
-    try:
-        for step in sorted(ckpt.all_steps(), reverse=True):
-            saved = ckpt.saved_config(step)
-            if saved is not None:
-                return from_dict(TrainConfig, saved), step
-    finally:
-        ckpt.close()
-    raise CheckpointError(f"No checkpoint with a readable config in {directory}.")
-
-
 def _critic_params(config: TrainConfig, mesh, workdir: str | Path | None):
     """(graphdef, params) of the critic to score with, placed on `mesh`."""
     if workdir is None:
         return train_lib.build_critic(train_lib.resolve_config(config), mesh)
-    graphdef, like = train_lib.abstract_state(config, mesh)
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint)
-    try:
-        _, state, _ = restore_state(ckpt, like)
-    finally:
-        ckpt.close()
-    return graphdef, state.params
+    return train_lib.params_of_workdir(config, mesh, workdir)
 
 
 def score(
@@ -164,7 +137,7 @@ def score_config(
             f"Received: workdir={workdir}, init_from={init_from}"
         )
     if workdir is not None:
-        saved, step = config_of_workdir(workdir)
+        saved, step = train_lib.config_of_workdir(workdir)
         config = dataclasses.replace(
             base,
             model=saved.model,

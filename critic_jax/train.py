@@ -32,8 +32,14 @@ from flax import nnx
 from critic_jax import data as data_lib
 from critic_jax import parallel
 from critic_jax import update as update_lib
-from critic_jax.checkpoint import Checkpointer, CheckpointError, restore_state, save_state
-from critic_jax.config import TrainConfig, to_dict
+from critic_jax.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    restore_state,
+    save_state,
+)
+from critic_jax.config import TrainConfig, from_dict, to_dict
 from critic_jax.models import Critic, config_from_hf, critic_from_hf
 from critic_jax.update import TrainState
 
@@ -87,10 +93,52 @@ class Hooks:
 # --- set-up -------------------------------------------------------------------------------------
 
 
+def is_workdir(path: str | Path) -> bool:
+    """Whether `path` is a training run's workdir (it has `checkpoints/`)."""
+    return (Path(path) / "checkpoints").is_dir()
+
+
+def config_of_workdir(workdir: str | Path) -> tuple[TrainConfig, int]:
+    """The config a workdir's latest readable checkpoint was trained with, and that step.
+
+    Raises:
+      CheckpointError: when the workdir has no checkpoint with a readable config.
+    """
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"No checkpoints in {workdir} (no {directory}).")
+    ckpt = Checkpointer(directory, CheckpointConfig(), on_warning=lambda s: None)
+    try:
+        for step in sorted(ckpt.all_steps(), reverse=True):
+            saved = ckpt.saved_config(step)
+            if saved is not None:
+                return from_dict(TrainConfig, saved), step
+    finally:
+        ckpt.close()
+    raise CheckpointError(f"No checkpoint with a readable config in {directory}.")
+
+
+def params_of_workdir(config: TrainConfig, mesh: jax.sharding.Mesh, workdir: str | Path):
+    """(graphdef, params) of a workdir's latest checkpoint, restored onto `mesh`; `config` must
+    carry the workdir's model and optimizer (see `config_of_workdir`)."""
+    graphdef, like = abstract_state(config, mesh)
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint)
+    try:
+        _, state, _ = restore_state(ckpt, like)
+    finally:
+        ckpt.close()
+    return graphdef, state.params
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
-    """`config` with the model architecture read from `init_from`'s config.json (once)."""
+    """`config` with the model architecture of `init_from`, read once: a Hugging Face
+    checkpoint's config.json, or the config of a training run's workdir (its latest checkpoint;
+    the value pretraining of VC-PPO continues this way)."""
     if config.init_from is None:
         return config
+    if is_workdir(config.init_from):
+        saved, _ = config_of_workdir(config.init_from)
+        return dataclasses.replace(config, model=saved.model)
     path = Path(config.init_from) / "config.json"
     try:
         hf = json.loads(path.read_text())
@@ -140,6 +188,10 @@ def build_critic(
 
         with jax.set_mesh(mesh):
             return graphdef, jax.jit(make_params, out_shardings=shardings)()
+    if is_workdir(config.init_from):
+        saved, _ = config_of_workdir(config.init_from)
+        source = dataclasses.replace(config, optim=saved.optim, steps=saved.steps, init_from=None)
+        return params_of_workdir(source, mesh, config.init_from)
     m = config.model
     # Each device reads only its slice of each tensor: no host holds the whole model.
     critic = critic_from_hf(

@@ -6,6 +6,7 @@ import math
 import threading
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -231,3 +232,19 @@ def test_damaged_metrics_lines_are_dropped_with_a_warning(tmp_path):
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert rows == [{"iteration": 1, "loss": 1.0}, {"iteration": 3, "loss": None}]
     assert len(events) == 1 and "damaged" in events[0]
+
+
+def test_init_from_a_workdir_continues_its_critic(finished_run, tmp_path):
+    """Value pretraining, then training: the second run starts from the first's checkpoint."""
+    from critic_jax.checkpoint import Checkpointer, restore_state
+
+    source, _ = finished_run
+    cfg = _config(tmp_path / "next", init_from=str(source))
+    mesh = parallel.make_mesh(cfg.mesh)
+    graphdef, params = train_lib.build_critic(train_lib.resolve_config(cfg), mesh)
+    _, like = train_lib.abstract_state(_config(source), mesh)
+    ckpt = Checkpointer(Path(source) / "checkpoints", cfg.checkpoint)
+    _, saved, _ = restore_state(ckpt, like)
+    ckpt.close()
+    chex.assert_trees_all_equal(jax.device_get(params), jax.device_get(saved.params))
+    assert train_lib.run(cfg)["steps"] == 4
