@@ -23,6 +23,8 @@ before), the largest one-iteration rise of the value error, the training explain
 
     python experiments/exp_hl_gauss.py            # 2 seeds x 6 arms, ~8 min on 2 loaded cores
     python experiments/exp_hl_gauss.py --steps 100 --seeds 0 1 2
+    python experiments/exp_hl_gauss.py --steps 150 --seeds 0 --heads scalar \
+        --rewards x100 "+5 per action" --tag long    # does regression get there later?
 """
 
 from __future__ import annotations
@@ -145,12 +147,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
+    parser.add_argument("--rewards", nargs="+", choices=list(TRANSFORMS), default=list(TRANSFORMS))
+    parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args()
+    name = "exp_hl_gauss" + (f"_{args.tag}" if args.tag else "")
 
     rows, bins = [], {}
     for seed in args.seeds:
-        for tname, (a, b) in TRANSFORMS.items():
-            for head in HEADS:
+        for tname in args.rewards:
+            a, b = TRANSFORMS[tname]
+            for head in args.heads:
                 model = {"value_head": head}
                 if head == "hl-gauss":
                     bins[tname] = bins.get(tname) or bins_for(TrainConfig().data.mrp, a, b)
@@ -164,9 +171,9 @@ def main() -> None:
                 rows += [
                     {"arm": arm, "head": head, "rewards": tname, "seed": seed, **h} for h in hist
                 ]
-    write_csv("exp_hl_gauss.csv", rows)
+    write_csv(f"{name}.csv", rows)
     log("HL-Gauss bins: " + ", ".join(f"{k} [{lo:.1f}, {hi:.1f}]" for k, (lo, hi) in bins.items()))
-    report(rows, args)
+    report(rows, args, name)
 
 
 def per_seed(rows, arm, key) -> list[np.ndarray]:
@@ -179,7 +186,7 @@ def per_seed(rows, arm, key) -> list[np.ndarray]:
     ]
 
 
-def report(rows, args) -> None:
+def report(rows, args, name: str) -> None:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     marks = [m for m in (0, 5, 10, 20, args.steps) if m <= args.steps]
     log(f"mean over seeds {args.seeds}; value error = RMSE(V - V*)/std(V*) in original units")
@@ -231,7 +238,7 @@ def report(rows, args) -> None:
                 "skipped_updates": skipped,
             }
         )
-    write_csv("exp_hl_gauss_summary.csv", summary)
+    write_csv(f"{name}_summary.csv", summary)
 
     fig, axes = subplots(1, 3, figsize=(16, 3.8))
     for arm in arms:
@@ -258,7 +265,7 @@ def report(rows, args) -> None:
     for ax in axes:
         ax.set_xlabel("PPO iteration")
     axes[0].legend(fontsize=7)
-    save_figure(fig, "exp_hl_gauss.png")
+    save_figure(fig, f"{name}.png")
 
 
 if __name__ == "__main__":
