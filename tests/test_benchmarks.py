@@ -54,3 +54,20 @@ def test_bench_train_step_writes_every_row(tmp_path):
         for key in ("ms_per_step", "tokens_per_s", "fraction_of_peak"):
             value = float(r[key])
             assert value > 0 and math.isfinite(value), (name, key, value)
+
+
+def test_bench_packing_writes_both_layouts(tmp_path):
+    _run(
+        "bench_packing.py",
+        *("--rollouts", "24", "--max-len", "64", "--batch", "2", "--rounds", "1", "--steps", "1"),
+        *("--results", str(tmp_path)),
+    )
+    with open(tmp_path / "bench_packing.csv") as f:
+        rows = {r["layout"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"padded", "packed"}, list(rows)
+    assert float(rows["packed"]["padding_fraction"]) < float(rows["padded"]["padding_fraction"])
+    for name, r in rows.items():
+        assert int(r["compilations"]) == 1, (name, r["compilations"])
+        value = float(r["real_tokens_per_s"])
+        assert value > 0 and math.isfinite(value), (name, value)
+    assert "padding_fraction" in (tmp_path / "bench_packing.md").read_text()
