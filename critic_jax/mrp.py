@@ -434,12 +434,37 @@ def mrp_true_values(config: MRPConfig, tokens: np.ndarray, *, gamma: float = 1.0
     Raises:
       ValueError: on a last axis other than config.seq_len or gamma outside [0, 1].
     """
-    values = mrp_value_table(config, gamma=gamma)
+    return lookup_states(config, tokens, mrp_value_table(config, gamma=gamma))
+
+
+def mrp_remaining_actions(config: MRPConfig, tokens: np.ndarray) -> np.ndarray:
+    """N(s_t): the expected number of actions from each action token's state to the end of its
+    response, that token included (V* of a reward of 1 per action with γ = 1), 0 elsewhere.
+    A reward changed to a·r + b per action has V*' = a·V* + b·N.
+
+    Returns:
+      float32 [..., T] for tokens laid out as `sample_mrp` lays them out.
+    """
+    probs = mrp_tables(config).probs
+    table = np.zeros((config.response_max_len + 1, config.vocab_size))
+    for j in range(config.response_max_len - 1, -1, -1):
+        table[j] = (probs[j] * (1.0 + _continuation(config, table, j, 1.0)[None, :])).sum(-1)
+    return lookup_states(config, tokens, table)
+
+
+def lookup_states(config: MRPConfig, tokens: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """`table[j, p]` ([R + 1, V], by response column and previous non-observation token) read at
+    the state of every action token of `tokens` [..., T]; 0 at other positions.
+
+    Raises:
+      ValueError: on a last axis other than config.seq_len.
+    """
     tokens = np.asarray(tokens)
     if tokens.shape[-1] != config.seq_len:
         raise ValueError(
             f"tokens must have seq_len = {config.seq_len} columns. Received: shape {tokens.shape}"
         )
+    values = table
     o_lo, o_hi = config.obs_range
     is_obs = (tokens >= o_lo) & (tokens < o_hi)
     is_state = (tokens != PAD) & ~is_obs

@@ -42,38 +42,17 @@ from critic_jax import compute_gae, train
 from critic_jax.config import TrainConfig, from_dict
 from critic_jax.data import held_out_batch
 from critic_jax.metrics import advantage_metrics, value_error_metrics
-from critic_jax.mrp import PAD, MRPConfig, _continuation, mrp_tables, sample_mrp
+from critic_jax.mrp import MRPConfig, mrp_remaining_actions, sample_mrp
 
 TRANSFORMS = {"x1": (1.0, 0.0), "x100": (100.0, 0.0), "+5 per action": (1.0, 5.0)}
 HEADS = ("scalar", "hl-gauss")
-
-
-def remaining_actions(config: MRPConfig, tokens: np.ndarray) -> np.ndarray:
-    """N(s_t): the expected number of actions from the state of each action token to the end of
-    its response, this one included (the V* of a reward of 1 per action, γ = 1); 0 elsewhere.
-
-    The table is `mrp_value_table`'s recursion with the reward replaced by 1; the state of each
-    token is found as `mrp_true_values` finds it."""
-    probs = mrp_tables(config).probs
-    table = np.zeros((config.response_max_len + 1, config.vocab_size))
-    for j in range(config.response_max_len - 1, -1, -1):
-        table[j] = (probs[j] * (1.0 + _continuation(config, table, j, 1.0)[None, :])).sum(-1)
-    o_lo, o_hi = config.obs_range
-    is_state = (tokens != PAD) & ~((tokens >= o_lo) & (tokens < o_hi))
-    t_idx = np.arange(tokens.shape[-1])
-    last = np.maximum.accumulate(np.where(is_state, t_idx, 0), axis=-1)
-    prev = np.concatenate([np.zeros_like(last[..., :1]), last[..., :-1]], axis=-1)
-    p = np.take_along_axis(tokens, prev, axis=-1)
-    j = np.clip(t_idx - config.prompt_max_len, 0, config.response_max_len - 1)
-    action = is_state & (t_idx >= config.prompt_max_len)
-    return np.where(action, table[j, p], 0.0).astype(np.float32)
 
 
 def bins_for(config: MRPConfig, a: float, b: float) -> tuple[float, float]:
     """[c − 2h, c + 2h] for the range c ± h of V*' = a·V* + b·N on 4096 sampled rows."""
     s = sample_mrp(config, seed=(12345,), batch_size=4096)
     m = s["mask"] > 0
-    v = (a * s["true_values"] + b * remaining_actions(config, s["tokens"]))[m]
+    v = (a * s["true_values"] + b * mrp_remaining_actions(config, s["tokens"]))[m]
     c, h = (v.max() + v.min()) / 2, (v.max() - v.min()) / 2
     return float(c - 2 * h), float(c + 2 * h)
 
@@ -83,7 +62,7 @@ class Evaluator:
 
     def __init__(self, config: TrainConfig, a: float, b: float):
         self.batch = held_out_batch(config.data, seed=config.seed, gamma=1.0, n=512)
-        self.n = remaining_actions(config.data.mrp, self.batch["tokens"])
+        self.n = mrp_remaining_actions(config.data.mrp, self.batch["tokens"])
         self.a, self.b, self.lam = a, b, config.ppo.policy_lam
         self.graphdef = None
         self._apply = jax.jit(lambda g, p, t, am: nnx.merge(g, p)(t, am), static_argnums=0)

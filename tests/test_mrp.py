@@ -231,3 +231,15 @@ def test_sampling_rejects_bad_arguments():
 def test_mrp_config_validation(overrides):
     with pytest.raises(ValueError, match="Received: "):
         mrp.MRPConfig(**overrides)
+
+
+def test_remaining_actions_match_monte_carlo_counts():
+    """E[N(s_first action)] over sampled rows equals the mean number of actions per row."""
+    batch = mrp.sample_mrp(CONFIG, seed=13, batch_size=20_000)
+    n = mrp.mrp_remaining_actions(CONFIG, batch["tokens"])
+    mask = batch["mask"] > 0
+    assert (n[mask] >= 1).all() and (n[~mask] == 0).all()
+    first = np.argmax(mask, axis=1)
+    counts = mask.sum(1)
+    se = counts.std() / math.sqrt(len(counts))
+    assert abs(n[np.arange(len(first)), first].mean() - counts.mean()) < 4 * se
