@@ -71,7 +71,8 @@ def run_critic(
 
     Returns:
       {"history": [per-iteration metrics dicts, with "iteration"; iteration 0 holds the
-       evaluation of the initial parameters when eval_every > 0 or extra_metrics is set],
+       evaluation of the initial parameters when eval_every > 0, extra_metrics is set or
+       0 is in snapshot_at],
        "params": final params (host), "graphdef", "snapshots": {iteration: params},
        "compile_seconds", "train_seconds"}.
     """
@@ -113,7 +114,7 @@ def run_critic(
         transform_batch=transform if reward_noise or transform_batch else None,
         on_iteration=on_iteration,
         eval_every=eval_every,
-        eval_at_start=eval_every > 0 or extra_metrics is not None,
+        eval_at_start=eval_every > 0 or extra_metrics is not None or 0 in snapshot_at,
     )
     with tempfile.TemporaryDirectory(prefix="critic_jax_experiment_") as workdir:
         config = dataclasses.replace(

@@ -29,8 +29,6 @@ everywhere.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +36,7 @@ import numpy as np
 from _common import log, run_critic, save_figure, subplots, write_csv
 from flax import nnx
 
-from critic_jax import compute_gae, length_adaptive_lam, train
+from critic_jax import compute_gae, length_adaptive_lam
 from critic_jax.config import TrainConfig, from_dict
 from critic_jax.metrics import advantage_metrics
 from critic_jax.mrp import sample_mrp
@@ -82,37 +80,12 @@ def sparse_truth(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def train_sparse(config: TrainConfig, snaps) -> dict:
-    """`train.run` on outcome rewards (`to_sparse` as `Hooks.transform_batch`), keeping the
+    """`run_critic` on outcome rewards (`to_sparse` as the batch transform), keeping the
     parameters at the iterations `snaps`; no held-out evaluation (the trainer's is dense)."""
-    out = {"snapshots": {}, "history": []}
-
-    def build(cfg, mesh):
-        out["graphdef"], params = train.build_critic(cfg, mesh)
-        return out["graphdef"], params
-
-    def on_iteration(it, metrics, state):
-        out["history"].append({"iteration": it, **(metrics or {})})
-        if it in snaps:
-            out["snapshots"][it] = jax.device_get(state.params)
-        if it == config.steps:
-            log(f"sparse critic seed={config.seed} iteration {it}: loss {metrics['loss']:.3f}")
-
-    hooks = train.Hooks(
-        build_model=build,
-        transform_batch=to_sparse,
-        on_iteration=on_iteration,
-        eval_every=0,
-        eval_at_start=True,
+    label = f"sparse critic seed={config.seed}"
+    return run_critic(
+        config, eval_every=0, transform_batch=to_sparse, snapshot_at=snaps, label=label
     )
-    with tempfile.TemporaryDirectory(prefix="critic_jax_experiment_") as workdir:
-        cfg = dataclasses.replace(
-            config,
-            workdir=workdir,
-            checkpoint=dataclasses.replace(config.checkpoint, every=0, async_save=False),
-            log=dataclasses.replace(config.log, every=1, tensorboard=False),
-        )
-        train.run(cfg, hooks)
-    return out
 
 
 def critic_values(graphdef, params, batch, chunk: int = 256) -> np.ndarray:
