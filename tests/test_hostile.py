@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +41,10 @@ import safetensors.numpy
 from flax import nnx
 
 import critic_jax as cj
-from critic_jax import cli, parallel, rollouts
+from critic_jax import cli, rollouts
 from critic_jax import train as train_lib
 from critic_jax.checkpoint import CheckpointConfig, CheckpointError
-from critic_jax.config import LogConfig, OptimConfig, PPOConfig, TrainConfig
+from critic_jax.config import LogConfig, OptimConfig, PPOConfig
 from critic_jax.data import DataConfig
 from critic_jax.models import Critic, ModelConfig, config_from_hf, critic_from_hf, critic_to_hf
 
@@ -990,14 +992,9 @@ HF_CASES = [
 ]
 
 
-# Failures in critic_jax/models/hf.py, whose owner was mid-change: reported, not fixed here.
-HF_XFAIL = {
-    "config.json hidden_size a string": "hf.py: a wrongly typed config.json value is reported as "
-    "'model.d_model must be a positive integer' without naming config.json or hidden_size",
-    "two architectures": "hf.py: only architectures[0] is read; a list of several is not refused",
-    "unknown rope type": "hf.py: rope_scaling is ignored whenever rope_parameters is present, so "
-    "an unsupported or conflicting rope_scaling passes silently",
-}
+# Fixed in critic_jax/models/hf.py with this pass (they failed before): a wrongly typed value,
+# several architectures, rope_scaling contradicting rope_parameters.
+HF_XFAIL: dict[str, str] = {}
 
 
 def _xfail(cases, reasons):
@@ -1185,18 +1182,7 @@ def test_cli_and_config_files(tmp_path, capfd, request, content, args, pattern):
 # -------------------------------------------------------------------------------- 5. resumes
 
 
-def _config(workdir, **overrides) -> TrainConfig:
-    base = TrainConfig(
-        steps=4,
-        workdir=str(workdir),
-        model=dataclasses.replace(TrainConfig().model, d_model=32, mlp_dim=64, num_layers=1),
-        ppo=PPOConfig(ppo_epochs=1, minibatch_size=16),
-        data=dataclasses.replace(DataConfig(), batch_size=32),
-        mesh=parallel.MeshConfig(data=1, num_devices=1),
-        checkpoint=CheckpointConfig(every=2, max_to_keep=5),
-        log=LogConfig(every=1, eval_rows=64, tensorboard=False),
-    )
-    return dataclasses.replace(base, **overrides)
+_config = functools.partial(helpers.tiny_config, steps=4, layers=1, mlp_dim=64)
 
 
 @pytest.fixture(scope="module")

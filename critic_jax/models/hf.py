@@ -78,6 +78,11 @@ Shardings = Any  # a pytree of jax.sharding.Sharding like nnx.state(model, nnx.P
 
 def _split_architecture(hf_config: dict[str, Any]) -> tuple[str, str]:
     archs = hf_config.get("architectures") or []
+    if isinstance(archs, list) and len(archs) > 1:
+        raise ValueError(
+            f"config.json lists several architectures; a checkpoint for one of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} lists exactly one. Received: {archs}"
+        )
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -91,7 +96,19 @@ def _split_architecture(hf_config: dict[str, Any]) -> tuple[str, str]:
 def _rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older versions write
     # `rope_theta` and an optional `rope_scaling` dict.
-    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    params, legacy = hf_config.get("rope_parameters"), hf_config.get("rope_scaling")
+    if params and legacy:  # both written: they must agree, or which one applies is unknown
+
+        def kind(r):
+            return r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else r
+
+        if kind(params) != kind(legacy):
+            raise ValueError(
+                f"config.json's rope_parameters and rope_scaling disagree on the rope type "
+                f"({kind(params)!r} vs {kind(legacy)!r}). Received: rope_parameters={params}, "
+                f"rope_scaling={legacy}"
+            )
+    rope = dict(params or legacy or {})
     rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
     rope.setdefault("rope_type", rope.get("type", "default"))
     return rope
@@ -134,6 +151,12 @@ def config_from_hf(hf_config: dict[str, Any] | str | os.PathLike, **overrides: A
                 f"{where} has no {key!r}, which a {family} config needs. "
                 f"Received: keys {sorted(hf_config)}"
             )
+    for key in (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim"):
+        value = hf_config.get(key)
+        if key in ("num_key_value_heads", "head_dim") and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer. Received: {value!r}")
     rope = _rope_parameters(hf_config)
     if rope["rope_type"] not in _ROPE_TYPES:
         raise ValueError(
@@ -187,7 +210,10 @@ def config_from_hf(hf_config: dict[str, Any] | str | os.PathLike, **overrides: A
     own = hf_config.get(_OWN_KEY) or {}
     fields.update({k: own[k] for k in _VALUE_HEAD_FIELDS if k in own})
     fields.update(overrides)
-    return ModelConfig(**fields)
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:  # a wrongly typed or invalid value: name the file
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
