@@ -603,6 +603,7 @@ def execute(nb, *, timeout: int = CELL_TIMEOUT_S, env: dict[str, str] | None = N
         timeout=timeout,
         kernel_name="python3",
         record_timing=False,
+        coalesce_streams=True,  # one stdout output per cell: a rebuild diffs only in numbers
         resources={"metadata": {"path": str(REPO)}},
     )
     client.execute(env=env or kernel_env())
