@@ -73,12 +73,13 @@ def run_critic(
       {"history": [per-iteration metrics dicts, with "iteration"; iteration 0 holds the
        evaluation of the initial parameters when eval_every > 0, extra_metrics is set or
        0 is in snapshot_at],
-       "params": final params (host), "graphdef", "snapshots": {iteration: params},
-       "compile_seconds", "train_seconds"}.
+       "params": final params (host; also when `config.stop` ended the run early), "graphdef",
+       "snapshots": {iteration: params}, "compile_seconds", "train_seconds"}.
     """
     rng = np.random.default_rng([config.seed, 7])
     history: list[dict[str, Any]] = []
     out: dict[str, Any] = {"snapshots": {}}
+    last: dict[str, Any] = {}
 
     def build(cfg, mesh):
         out["graphdef"], fresh = (build_model or train.build_critic)(cfg, mesh)
@@ -96,8 +97,7 @@ def run_critic(
         history.append({"iteration": it, **(metrics or {}), **extra})
         if it in snapshot_at:
             out["snapshots"][it] = jax.device_get(state.params)
-        if it == config.steps:
-            out["params"] = jax.device_get(state.params)
+        last["state"] = state  # only the last one is read, after the loop (never donated)
         if it and (it % max(1, config.steps // 5) == 0 or it == config.steps):
             row = history[-1]
             err = (
@@ -124,6 +124,7 @@ def run_critic(
             log=dataclasses.replace(config.log, every=1, tensorboard=False),
         )
         summary = train.run(config, hooks)
+    out["params"] = jax.device_get(last["state"].params)
     return {
         "history": history,
         **out,
