@@ -30,12 +30,10 @@ before), the largest one-iteration rise of the value error, the training explain
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
 
 import jax
 import numpy as np
-from _common import log, save_figure, spikes, subplots, write_csv
+from _common import log, run_critic, save_figure, spikes, subplots, write_csv
 from flax import nnx
 
 from critic_jax import compute_gae, train
@@ -82,9 +80,9 @@ class Evaluator:
 
 
 def run_arm(config: TrainConfig, a: float, b: float, label: str) -> list[dict]:
-    """`train.run` on rewards a·r + b (per action), evaluated after every iteration."""
+    """`run_critic` on rewards a·r + b (per action), scored by `Evaluator` after every
+    iteration (iteration 0 included)."""
     evaluator = Evaluator(config, a, b)
-    history = []
 
     def build(cfg, mesh):
         evaluator.graphdef, params = train.build_critic(cfg, mesh)
@@ -95,31 +93,15 @@ def run_arm(config: TrainConfig, a: float, b: float, label: str) -> list[dict]:
         batch["rewards"] = np.where(mask, a * np.asarray(batch["rewards"], np.float32) + b, 0.0)
         return batch
 
-    def on_iteration(it, metrics, state):
-        history.append({"iteration": it, **(metrics or {}), **evaluator(state.params)})
-        if it % max(1, config.steps // 4) == 0 or it == config.steps:
-            h = history[-1]
-            log(
-                f"{label} iteration {it}/{config.steps}: loss {h.get('loss', np.nan):.3g} "
-                f"rel.err {h['relative_value_error']:.3f}"
-            )
-
-    hooks = train.Hooks(
+    out = run_critic(
+        config,
+        eval_every=0,
+        label=label,
         build_model=build,
         transform_batch=transform,
-        on_iteration=on_iteration,
-        eval_every=0,
-        eval_at_start=True,
+        extra_metrics=evaluator,
     )
-    with tempfile.TemporaryDirectory(prefix="critic_jax_experiment_") as workdir:
-        cfg = dataclasses.replace(
-            config,
-            workdir=workdir,
-            checkpoint=dataclasses.replace(config.checkpoint, every=0, async_save=False),
-            log=dataclasses.replace(config.log, every=1, tensorboard=False),
-        )
-        train.run(cfg, hooks)
-    return history
+    return out["history"]
 
 
 def main() -> None:
