@@ -5,11 +5,39 @@ positions, and a mask that is nonzero on action tokens. They work under `jax.jit
 `jax.grad`, return float32, and ignore whatever is stored at masked positions.
 """
 
-from critic_jax.advantages import compute_gae, decoupled_gae, length_adaptive_lam, td_errors
-from critic_jax.losses import hl_gauss_loss, hl_gauss_probs, value_loss
-from critic_jax.masking import masked_mean, masked_var, masked_whiten
-from critic_jax.metrics import explained_variance, value_metrics
-from critic_jax.rewards import kl_penalty, token_rewards
+import importlib
+
+# Where each public name lives. The names load on first use, so that `critic-jax` can install its
+# signal handlers before JAX starts (a Ctrl-C during JAX's import must not crash the process).
+_EXPORTS = {
+    "compute_gae": "advantages",
+    "decoupled_gae": "advantages",
+    "length_adaptive_lam": "advantages",
+    "td_errors": "advantages",
+    "hl_gauss_loss": "losses",
+    "hl_gauss_probs": "losses",
+    "value_loss": "losses",
+    "masked_mean": "masking",
+    "masked_var": "masking",
+    "masked_whiten": "masking",
+    "explained_variance": "metrics",
+    "value_metrics": "metrics",
+    "kl_penalty": "rewards",
+    "token_rewards": "rewards",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"critic_jax.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'critic_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

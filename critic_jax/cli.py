@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -295,7 +296,10 @@ def _plan(args: list[str]) -> int:
         "temp_bytes",
         "peak_bytes_per_device",
     ):
-        print(f"  {key:24s} {report[key] / gib:10.3f} GiB")
+        if key in report:
+            print(f"  {key:24s} {report[key] / gib:10.3f} GiB")
+    if "note" in report:
+        print(f"  {report['note']}")
     print(f"  {'compile_seconds':24s} {report['compile_seconds']:10.1f}")
     print(f"  {'flops_per_token':24s} {report['flops_per_token']:10.4g}")
     limit = report["device_memory"]
@@ -362,8 +366,27 @@ def _score(args: list[str]) -> int:
     return 0
 
 
+def _exit_on_signal(signum, frame):
+    name = signal.Signals(signum).name
+    message = f"\ncritic-jax: interrupted by {name} outside training; nothing was saved\n"
+    os.write(2, message.encode())
+    os._exit(128 + signum)
+
+
+def install_startup_signal_handlers() -> None:
+    """SIGINT / SIGTERM before training starts end the process at once with one line: nothing
+    has been written yet, and a signal must never land inside JAX's import or compilation
+    (which could crash the process). The training loop installs its own handlers."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, _exit_on_signal)
+        except ValueError:  # not the main thread
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `critic-jax ARGS`; returns the exit code (0, 2 on bad input, 128 + signal)."""
+    install_startup_signal_handlers()
     try:
         return _main(argv)
     except KeyboardInterrupt:

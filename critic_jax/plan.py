@@ -30,6 +30,8 @@ from critic_jax.config import TrainConfig
 GIB = 2**30
 # High-bandwidth memory of one chip, for `fits` when --device-memory is not given.
 TPU_MEMORY = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
+# The TPU compiler's refusal of a program whose temporaries exceed the chip's memory.
+_OOM = re.compile(r"HLO temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G")
 _TARGET = re.compile(r"^tpu-(?P<chip>v[0-9]+[a-z]*):(?P<topology>[0-9]+(x[0-9]+)+)$")
 
 
@@ -160,8 +162,33 @@ def plan(
         for k in trainer.batch_keys
     }
     with train_lib.mesh_context(mesh):
-        compiled = trainer.update.lower(state, batch).compile()
+        lowered = trainer.update.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
+            oom = _OOM.search(str(e))
+            if oom is None:
+                raise
+            compiled = None
     compile_seconds = time.perf_counter() - t0
+    if compiled is None:  # the compiler's own verdict: the temporaries alone exceed the chip
+        temp, hbm = float(oom[1]) * GIB, float(oom[2]) * GIB
+        return {
+            "target": target,
+            "devices": len(devices),
+            "device_kind": devices[0].device_kind,
+            "mesh": dict(zip(parallel.MESH_AXES, shape, strict=True)),
+            "seq_len": seq_len,
+            "tokens_per_iteration": config.data.batch_size * seq_len,
+            "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+            "temp_bytes": int(temp),
+            "peak_bytes_per_device": int(temp),
+            "compile_seconds": compile_seconds,
+            "flops_per_token": model_flops_per_token(config, seq_len),
+            "device_memory": int(device_memory if device_memory is not None else hbm),
+            "fits": False,
+            "note": "the compiler refused: " + " ".join(oom[0].split()),
+        }
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost

@@ -510,7 +510,8 @@ class _Signals:
 
     def _handler(self, signum, frame):
         if self.signum is not None:
-            os.write(2, b"critic-jax: interrupted twice; exiting without a save\n")
+            # A line of its own: a progress bar may be half-way through a line.
+            os.write(2, b"\ncritic-jax: interrupted twice; exiting without a save\n")
             os._exit(128 + signum)
         self.signum = signum
 
@@ -521,7 +522,9 @@ class _Signals:
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            # After a signal the run has saved and is ending: a repeated Ctrl-C must not kill it
+            # on its way out.
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else old)
 
 
 class WorkdirLock:
@@ -616,10 +619,7 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
         config = resolve_config(config)
         mesh = parallel.make_mesh(config.mesh)
         config.check_mesh(mesh.size, jax.process_count())
-        graphdef, params = (hooks.build_model or build_critic)(config, mesh)
-        signals.check()
-        state = init_state(config, mesh, params)
-        trainer = make_trainer(config, mesh, graphdef, state, loss_fn=hooks.loss_fn)
+        # The data first: a bad rollout file is reported before minutes of model set-up.
         iterator = data_lib.make_rollout_iterator(
             config.data,
             seed=config.seed,
@@ -628,6 +628,10 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
             process_count=jax.process_count(),
             vocab_size=config.model.vocab_size,
         )
+        graphdef, params = (hooks.build_model or build_critic)(config, mesh)
+        signals.check()
+        state = init_state(config, mesh, params)
+        trainer = make_trainer(config, mesh, graphdef, state, loss_fn=hooks.loss_fn)
         on_event = hooks.on_event or (lambda s: None)
         ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint, on_warning=on_event)
         try:

@@ -47,6 +47,22 @@ def mixed_mask(rng, shape):
     return mask.reshape(shape)
 
 
+def value_batch(seed, shape, *, old_scale, new_scale, garbage=True):
+    """(values, old_values, returns, mask) float32 [..., T] for the loss and metric tests: returns
+    ~ N(0, 1), old values `old_scale` away from them, values `new_scale` away from the old ones,
+    a `mixed_mask`, and garbage at the masked positions when `garbage`."""
+    rng = np.random.default_rng(seed)
+    returns = rng.normal(size=shape).astype(np.float32)
+    old_values = returns + rng.normal(scale=old_scale, size=shape).astype(np.float32)
+    values = old_values + rng.normal(scale=new_scale, size=shape).astype(np.float32)
+    mask = mixed_mask(rng, shape)
+    if garbage:
+        values, old_values, returns = (
+            with_garbage(rng, x, mask) for x in (values, old_values, returns)
+        )
+    return values, old_values, returns, mask
+
+
 def right_padded_mask(rng, shape):
     rows, length = math.prod(shape[:-1]), shape[-1]
     lengths = rng.integers(0, length + 1, size=rows)

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import chex
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -26,27 +27,12 @@ from critic_jax.checkpoint import (
     save_state,
     to_checkpoint_tree,
 )
-from critic_jax.config import LogConfig, PPOConfig, TrainConfig
-from critic_jax.data import DataConfig
-from critic_jax.models import ModelConfig
+from critic_jax.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(workdir, **overrides) -> TrainConfig:
-    base = TrainConfig(
-        steps=6,
-        workdir=str(workdir),
-        model=dataclasses.replace(
-            ModelConfig.tiny(vocab_size=DataConfig().mrp.vocab_size), d_model=32
-        ),
-        ppo=PPOConfig(ppo_epochs=1, minibatch_size=16),
-        data=dataclasses.replace(DataConfig(), batch_size=32),
-        mesh=parallel.MeshConfig(data=1, num_devices=1),
-        checkpoint=CheckpointConfig(every=2, max_to_keep=5),
-        log=LogConfig(every=1, eval_rows=64, tensorboard=False),
-    )
-    return dataclasses.replace(base, **overrides)
+_config = helpers.tiny_config
 
 
 def _fresh_state(config: TrainConfig, mesh):

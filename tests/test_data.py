@@ -112,7 +112,7 @@ def rollout_files(tmp_path):
 
 def test_parquet_iterator_epochs_resume_and_shard(rollout_files):
     folder, batch = rollout_files
-    config = data.DataConfig(path=str(folder / "*.parquet"), batch_size=16)
+    config = data.DataConfig(path=str(folder / "*.parquet"), batch_size=16, packing=False)
     it = data.make_rollout_iterator(config, seed=4, gamma=1.0)
     epochs = _take(it, 6)  # 48 rows: 3 batches per epoch
     assert sorted(epochs[0]) == [

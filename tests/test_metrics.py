@@ -14,16 +14,7 @@ SHAPE = (2, 3, 9)
 
 
 def _batch(seed, shape=SHAPE, garbage=True):
-    rng = np.random.default_rng(seed)
-    returns = rng.normal(size=shape).astype(np.float32)
-    old_values = returns + rng.normal(scale=1.0, size=shape).astype(np.float32)
-    values = old_values + rng.normal(scale=0.3, size=shape).astype(np.float32)
-    mask = references.mixed_mask(rng, shape)
-    if garbage:
-        values, old_values, returns = (
-            references.with_garbage(rng, x, mask) for x in (values, old_values, returns)
-        )
-    return values, old_values, returns, mask
+    return references.value_batch(seed, shape, old_scale=1.0, new_scale=0.3, garbage=garbage)
 
 
 @pytest.mark.parametrize("clip_eps", [None, 0.2])

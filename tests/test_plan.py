@@ -1,11 +1,9 @@
 """`critic-jax plan`: the real update compiled on abstract inputs, per-device memory, fits."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from critic_jax import plan as plan_lib
@@ -15,15 +13,7 @@ TINY = ["--model.num-layers", "1", "--model.d-model", "32", "--model.mlp-dim", "
 
 
 def _plan(*args, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "critic_jax", "plan", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return helpers.run_cli("plan", *args, timeout=timeout)
 
 
 def test_parse_bytes():

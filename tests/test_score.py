@@ -1,11 +1,9 @@
 """`critic-jax score`: values, returns and advantages of Parquet rollouts from a trained critic."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import jax
 import numpy as np
 import pyarrow.parquet as pq
@@ -107,17 +105,9 @@ def test_score_a_hugging_face_critic_with_whitening(trained, tmp_path):
 
 def test_score_command_line_and_its_errors(trained, tmp_path):
     root, cfg = trained
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "critic_jax", "score", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        return helpers.run_cli("score", *args)
 
     data = ["--data.path", str(root / "r.parquet")]
     proc = run("--workdir", cfg.workdir, *data, "--out", str(tmp_path / "c.parquet"))

@@ -1,12 +1,14 @@
 """The host loop: hooks, abstract set-up, workdir ownership, resume rules, useless runs."""
 
 import dataclasses
+import functools
 import json
 import math
 import threading
 from pathlib import Path
 
 import chex
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -15,27 +17,14 @@ from flax import nnx
 from critic_jax import parallel
 from critic_jax import train as train_lib
 from critic_jax.checkpoint import CheckpointConfig
-from critic_jax.config import LogConfig, PPOConfig, StopConfig, TrainConfig
+from critic_jax.config import LogConfig, PPOConfig, StopConfig
 from critic_jax.data import DataConfig
 from critic_jax.models import ModelConfig
 
 VOCAB = DataConfig().mrp.vocab_size
 
 
-def _config(workdir, **overrides) -> TrainConfig:
-    base = TrainConfig(
-        steps=4,
-        workdir=str(workdir),
-        model=dataclasses.replace(
-            ModelConfig.tiny(vocab_size=VOCAB), d_model=32, mlp_dim=64, num_layers=1
-        ),
-        ppo=PPOConfig(ppo_epochs=1, minibatch_size=16),
-        data=dataclasses.replace(DataConfig(), batch_size=32),
-        mesh=parallel.MeshConfig(data=1, num_devices=1),
-        checkpoint=CheckpointConfig(every=2, max_to_keep=5),
-        log=LogConfig(every=1, eval_rows=64, tensorboard=False),
-    )
-    return dataclasses.replace(base, **overrides)
+_config = functools.partial(helpers.tiny_config, steps=4, layers=1, mlp_dim=64)
 
 
 def test_hooks_see_every_iteration_and_change_the_start_and_the_batches(tmp_path):

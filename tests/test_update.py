@@ -251,7 +251,9 @@ def test_packed_rows_give_the_unpacked_update(reduction, shape):
             mesh=parallel.MeshConfig(**shape),
             data=dataclasses.replace(cfg.data, batch_size=b["tokens"].shape[0]),
         )
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="x", packing=packing))
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, path="x", packing=packing)
+        )
         _, setup, state = _trainer(cfg, mesh)
         local = {k: b[k] for k in setup.batch_keys}
         state, metrics = setup.update(state, parallel.make_global_batch(local, mesh))

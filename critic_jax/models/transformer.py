@@ -47,30 +47,8 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "attention-out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
 
-# The shape fields of ModelConfig with their values in the tiny default model. A field left None
-# takes its value from `preset`, or from this table when there is no preset.
-_TINY: dict[str, Any] = dict(
-    vocab_size=256,
-    d_model=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    mlp_dim=128,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    rope_scaling="none",
-    rope_factor=1.0,
-    rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0,
-    rope_original_max_position=8192,
-    qkv_bias=False,
-    tie_embeddings=False,
-)
-
-# The published shapes of the Hugging Face checkpoints of these names (config.json); random init.
-# Each preset sets every shape field: the columns below, then its rope scaling, then `_TINY`'s.
-_PRESET_COLUMNS = (
+# The shape fields of ModelConfig, as the columns of the table of shapes below (then rope scaling).
+_SHAPE_COLUMNS = (
     "vocab_size",
     "d_model",
     "num_layers",
@@ -84,23 +62,31 @@ _PRESET_COLUMNS = (
     "qkv_bias",
     "tie_embeddings",
 )
-_LLAMA31_ROPE = dict(rope_scaling="llama3", rope_factor=32.0)
+_NO_ROPE_SCALING = dict(
+    rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0
+)
+
+
+def _shape(row: tuple, **rope_scaling: Any) -> dict[str, Any]:
+    return {**dict(zip(_SHAPE_COLUMNS, row, strict=True)), **_NO_ROPE_SCALING, **rope_scaling}
+
+
+# A shape field left None takes its value from `preset`, or from the tiny CPU model without one.
+_TINY = _shape((256, 64, 2, 4, 2, 16, 128, 1e-6, 1e4, 8192, False, False))
+# The published shapes of the Hugging Face checkpoints of these names (config.json); random init.
 PRESETS: dict[str, dict[str, Any]] = {
-    name: {**_TINY, **dict(zip(_PRESET_COLUMNS, row, strict=True)), **rope}
-    for name, row, rope in (
-        # meta-llama/Meta-Llama-3-8B (no rope scaling; Llama 3.1 added it)
-        ("llama3-8b", (128256, 4096, 32, 32, 8, 128, 14336, 1e-5, 5e5, 8192, False, False), {}),
-        # meta-llama/Llama-3.2-1B
-        (
-            "llama3.2-1b",
-            (128256, 2048, 16, 32, 8, 64, 8192, 1e-5, 5e5, 8192, False, True),
-            _LLAMA31_ROPE,
-        ),
-        # Qwen/Qwen2.5-0.5B
-        ("qwen2.5-0.5b", (151936, 896, 24, 14, 2, 64, 4864, 1e-6, 1e6, 32768, True, True), {}),
-        # Qwen/Qwen2.5-7B
-        ("qwen2.5-7b", (152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, 131072, True, False), {}),
-    )
+    # meta-llama/Meta-Llama-3-8B (no rope scaling; Llama 3.1 added it)
+    "llama3-8b": _shape((128256, 4096, 32, 32, 8, 128, 14336, 1e-5, 5e5, 8192, False, False)),
+    # meta-llama/Llama-3.2-1B
+    "llama3.2-1b": _shape(
+        (128256, 2048, 16, 32, 8, 64, 8192, 1e-5, 5e5, 8192, False, True),
+        rope_scaling="llama3",
+        rope_factor=32.0,
+    ),
+    # Qwen/Qwen2.5-0.5B
+    "qwen2.5-0.5b": _shape((151936, 896, 24, 14, 2, 64, 4864, 1e-6, 1e6, 32768, True, True)),
+    # Qwen/Qwen2.5-7B
+    "qwen2.5-7b": _shape((152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, 131072, True, False)),
 }
 
 
@@ -204,16 +190,7 @@ class ModelConfig:
         if isinstance(self.remat, bool) or str(self.remat).lower() in ("true", "false"):
             on = self.remat is True or str(self.remat).lower() == "true"
             object.__setattr__(self, "remat", "full" if on else "none")
-        for name in (
-            "vocab_size",
-            "d_model",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "mlp_dim",
-            "rope_original_max_position",
-        ):
+        for name in _SHAPE_COLUMNS[:7] + ("rope_original_max_position",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer. Received: {value!r}")

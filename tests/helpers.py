@@ -1,0 +1,48 @@
+"""Shared set-up of the tests: a tiny training config and the command line in a subprocess."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from critic_jax import parallel
+from critic_jax.checkpoint import CheckpointConfig
+from critic_jax.config import LogConfig, PPOConfig, TrainConfig
+from critic_jax.data import DataConfig
+from critic_jax.models import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = DataConfig().mrp.vocab_size
+
+
+def tiny_config(
+    workdir, *, steps: int = 6, layers: int = 2, mlp_dim: int = 128, **overrides
+) -> TrainConfig:
+    """A run that trains in seconds: one device, width 32, batch 32 in minibatches of 16,
+    a checkpoint every 2 iterations, metrics every iteration, no TensorBoard."""
+    model = ModelConfig.tiny(vocab_size=VOCAB, d_model=32, num_layers=layers, mlp_dim=mlp_dim)
+    base = TrainConfig(
+        steps=steps,
+        workdir=str(workdir),
+        model=model,
+        ppo=PPOConfig(ppo_epochs=1, minibatch_size=16),
+        data=dataclasses.replace(DataConfig(), batch_size=32),
+        mesh=parallel.MeshConfig(data=1, num_devices=1),
+        checkpoint=CheckpointConfig(every=2, max_to_keep=5),
+        log=LogConfig(every=1, eval_rows=64, tensorboard=False),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m critic_jax ARGS` on the CPU, from the repository root."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "critic_jax", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
