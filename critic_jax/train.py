@@ -1,8 +1,9 @@
 """The host loop: build the state on the mesh, jit the update once, feed batches, log, checkpoint.
 
 `run(config, hooks)` is the one training loop of the project; `critic-jax train`, the experiments
-and the benchmarks all drive it (or `make_trainer`, its set-up, alone). The loop only moves data
-and decides when to log, evaluate, checkpoint and stop; the update itself is `critic_jax.update`.
+and the benchmarks all drive it (or its set-up, `critic_jax.setup`, alone). The loop only moves
+data and decides when to log, evaluate, checkpoint and stop; the update itself is
+`critic_jax.update`, the workdir's files and rules are `critic_jax.workdir`.
 
 Hooks let a caller change what the loop does without copying it: the model (`build_model`, e.g.
 a shared actor-critic trunk) and its loss (`loss_fn`), the initial parameters, a transform of each
@@ -13,12 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import functools
 import json
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,38 +23,42 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
-from flax import nnx
 
 from critic_jax import data as data_lib
 from critic_jax import parallel
 from critic_jax import update as update_lib
-from critic_jax.checkpoint import (
-    CheckpointConfig,
-    Checkpointer,
-    CheckpointError,
-    restore_state,
-    save_state,
+from critic_jax.checkpoint import Checkpointer, CheckpointError, restore_state, save_state
+from critic_jax.config import TrainConfig, to_dict
+
+# The set-up and the workdir rules, re-exported: `train` is where a caller looks for them.
+from critic_jax.setup import (  # noqa: F401
+    Trainer,
+    abstract_state,
+    batch_keys,
+    build_critic,
+    config_of_workdir,
+    default_loss_fn,
+    held_out,
+    host_batch,
+    init_state,
+    is_workdir,
+    make_trainer,
+    mesh_context,
+    params_of_workdir,
+    place_like,
+    resolve_config,
 )
-from critic_jax.config import TrainConfig, from_dict, to_dict
-from critic_jax.models import Critic, config_from_hf, critic_from_hf
 from critic_jax.update import TrainState
-
-# Settings a resumed run may change; any other difference from the checkpoint's config is refused
-# (the state or the data it was trained on would no longer match what the run says it is).
-RESUMABLE_KEYS = ("steps", "workdir", "log", "checkpoint", "stop")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on or would learn nothing (one line, for the command line)."""
-
-
-class Interrupted(Exception):  # noqa: N818 - the name says what happened
-    """SIGINT / SIGTERM arrived before there was any trained state to save."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} before the first update")
-        self.signum = signum
+from critic_jax.workdir import (  # noqa: F401
+    RESUMABLE_KEYS,
+    Interrupted,
+    MetricsWriter,
+    Signals,
+    TrainingError,
+    WorkdirLock,
+    check_resume_config,
+    json_safe,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,510 +91,8 @@ class Hooks:
     eval_at_start: bool = False
 
 
-# --- set-up -------------------------------------------------------------------------------------
-
-
-def is_workdir(path: str | Path) -> bool:
-    """Whether `path` is a training run's workdir (it has `checkpoints/`)."""
-    return (Path(path) / "checkpoints").is_dir()
-
-
-def config_of_workdir(workdir: str | Path) -> tuple[TrainConfig, int]:
-    """The config a workdir's latest readable checkpoint was trained with, and that step.
-
-    Raises:
-      CheckpointError: when the workdir has no checkpoint with a readable config.
-    """
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise CheckpointError(f"No checkpoints in {workdir} (no {directory}).")
-    ckpt = Checkpointer(directory, CheckpointConfig(), on_warning=lambda s: None)
-    try:
-        for step in sorted(ckpt.all_steps(), reverse=True):
-            saved = ckpt.saved_config(step)
-            if saved is not None:
-                return from_dict(TrainConfig, saved), step
-    finally:
-        ckpt.close()
-    raise CheckpointError(f"No checkpoint with a readable config in {directory}.")
-
-
-def params_of_workdir(config: TrainConfig, mesh: jax.sharding.Mesh, workdir: str | Path):
-    """(graphdef, params) of a workdir's latest checkpoint, restored onto `mesh`; `config` must
-    carry the workdir's model and optimizer (see `config_of_workdir`)."""
-    graphdef, like = abstract_state(config, mesh)
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint)
-    try:
-        _, state, _ = restore_state(ckpt, like)
-    finally:
-        ckpt.close()
-    return graphdef, state.params
-
-
-def resolve_config(config: TrainConfig) -> TrainConfig:
-    """`config` with the model architecture of `init_from`, read once: a Hugging Face
-    checkpoint's config.json, or the config of a training run's workdir (its latest checkpoint;
-    the value pretraining of VC-PPO continues this way)."""
-    if config.init_from is None:
-        return config
-    if is_workdir(config.init_from):
-        saved, _ = config_of_workdir(config.init_from)
-        return dataclasses.replace(config, model=saved.model)
-    path = Path(config.init_from) / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Cannot read {path}: {e}. Received: init_from={config.init_from}") from e
-    m = config.model
-    model = config_from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    return dataclasses.replace(config, model=model)
-
-
-def _abstract_model(config: TrainConfig, mesh: jax.sharding.Mesh, seed: int, make_module):
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        abstract = nnx.eval_shape(lambda: make_module(config.model, rngs=nnx.Rngs(seed)))
-    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(f"The critic has non-parameter state, unsupported. Received: {rest}")
-    return graphdef, abs_params, parallel.state_shardings(abs_params, mesh)
-
-
-def build_critic(
-    config: TrainConfig,
-    mesh: jax.sharding.Mesh,
-    *,
-    seed: int | None = None,
-    make_module: Callable[..., nnx.Module] = Critic,
-):
-    """The model's parameters created directly in their sharded layout: random, or loaded from
-    `config.init_from` (after `resolve_config`).
-
-    Args:
-      config: the run; `config.model` shapes the model.
-      mesh: where the parameters are placed.
-      seed: initialisation seed (default `config.seed`).
-      make_module: `(model_config, *, rngs) -> nnx.Module`, e.g. `ActorCritic` for a shared
-        trunk (random initialisation only).
-
-    Returns:
-      (graphdef, params) with every parameter placed by `parallel.LOGICAL_AXIS_RULES`.
-    """
-    seed = config.seed if seed is None else seed
-    graphdef, abs_params, shardings = _abstract_model(config, mesh, seed, make_module)
-    if config.init_from is None:
-
-        def make_params():
-            with nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-                return nnx.state(make_module(config.model, rngs=nnx.Rngs(seed)), nnx.Param)
-
-        with jax.set_mesh(mesh):
-            return graphdef, jax.jit(make_params, out_shardings=shardings)()
-    if is_workdir(config.init_from):
-        saved, _ = config_of_workdir(config.init_from)
-        source = dataclasses.replace(config, optim=saved.optim, steps=saved.steps, init_from=None)
-        return params_of_workdir(source, mesh, config.init_from)
-    m = config.model
-    # Each device reads only its slice of each tensor: no host holds the whole model.
-    critic = critic_from_hf(
-        config.init_from,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        attention=m.attention,
-        shardings=lambda abstract: parallel.state_shardings(abstract, mesh),
-    )
-    return graphdef, nnx.state(critic, nnx.Param)
-
-
-def place_like(params: Any, like: Any, shardings: Any, *, source: str = "params") -> Any:
-    """`params`' arrays in the tree structure of `like` (same paths and shapes), each placed on
-    its sharding in `shardings`.
-
-    Raises:
-      ValueError: naming the parameter whose shape differs.
-    """
-    got = jax.tree_util.tree_leaves_with_path(params)
-    leaves = []
-    for (path, x), want, sharding in zip(
-        got, jax.tree.leaves(like), jax.tree.leaves(shardings), strict=True
-    ):
-        if x.shape != want.shape:
-            raise ValueError(
-                f"Parameter {jax.tree_util.keystr(path)} of {source} has shape {x.shape}, the "
-                f"model expects {want.shape}. Received: {source}"
-            )
-        leaves.append(_replicate(np.asarray(x, want.dtype), sharding))
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
-def _replicate(x, sharding: jax.sharding.NamedSharding) -> jax.Array:
-    """Places a host value that every process holds identically onto `sharding`."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _opt_shardings(tx, params, mesh):
-    """Adam moments sharded like their parameters (ZeRO under fsdp); counters replicated."""
-    return optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        jax.eval_shape(tx.init, params),
-        jax.tree.map(lambda x: x.sharding, params),
-        transform_non_params=lambda _: parallel.replicated(mesh),
-    )
-
-
-def init_state(config: TrainConfig, mesh: jax.sharding.Mesh, params: Any) -> TrainState:
-    """A fresh `TrainState` around placed `params`, every leaf committed to its sharding."""
-    tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
-    opt_state = jax.jit(tx.init, out_shardings=_opt_shardings(tx, params, mesh))(params)
-    rep = parallel.replicated(mesh)
-    state = TrainState(
-        params=params,
-        opt_state=opt_state,
-        step=_replicate(np.int32(0), rep),
-        iteration=_replicate(np.int32(0), rep),
-        rng=_replicate(np.asarray(jax.random.PRNGKey(config.seed + 1)), rep),
-    )
-    # Commit every leaf to its sharding, so the first update sees what later ones see.
-    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
-
-
-def abstract_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, TrainState]:
-    """(graphdef, the `TrainState` as `jax.ShapeDtypeStruct`s with shardings): nothing is
-    allocated, so a run of any size can be lowered and compiled ahead of time (`plan`)."""
-    graphdef, abs_params, shardings = _abstract_model(config, mesh, config.seed, Critic)
-    params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, shardings
-    )
-    tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
-    opt_shardings = _opt_shardings(tx, params, mesh)
-    opt = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(tx.init, params),
-        opt_shardings,
-    )
-    rep = parallel.replicated(mesh)
-
-    def scalar(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
-
-    state = TrainState(
-        params=params,
-        opt_state=opt,
-        step=scalar((), np.int32),
-        iteration=scalar((), np.int32),
-        rng=scalar((2,), np.uint32),
-    )
-    return graphdef, state
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: jax.sharding.Mesh):
-    """The mesh and the logical-axis rules in scope while the update is traced, so that kernels
-    which cannot be partitioned automatically (Pallas splash attention) run in a `shard_map`."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        yield
-
-
-@dataclasses.dataclass(frozen=True)
-class Trainer:
-    """A run's static parts: the mesh, the model's graph, the jitted update and evaluation."""
-
-    config: TrainConfig
-    mesh: jax.sharding.Mesh
-    graphdef: Any
-    batch_keys: tuple[str, ...]
-    update: Any  # jitted (state, batch) -> (state, metrics), state donated
-    evaluate: Any  # jitted (params, eval batch) -> metrics
-
-
-def batch_keys(config: TrainConfig) -> tuple[str, ...]:
-    """The arrays of a rollout batch that the update reads, for this config."""
-    keys = update_lib.BATCH_KEYS
-    if config.ppo.use_rollout_old_values:
-        keys += ("old_values",)
-    if config.data.packed:
-        keys += ("segment_ids",)
-    return keys
-
-
-def default_loss_fn(config: TrainConfig) -> update_lib.LossFn:
-    """The critic's loss for `config`: the clipped value loss, or HL-Gauss cross-entropy."""
-    m = config.model
-    if getattr(m, "value_head", "scalar") != "hl-gauss":
-        return functools.partial(update_lib.critic_loss, ppo=config.ppo)
-    support = np.linspace(m.value_min, m.value_max, m.value_bins, dtype=np.float32)
-    sigma = m.value_sigma_ratio * float(support[1] - support[0])
-    return functools.partial(update_lib.critic_loss, ppo=config.ppo, support=support, sigma=sigma)
-
-
-def make_trainer(
-    config: TrainConfig,
-    mesh: jax.sharding.Mesh,
-    graphdef: Any,
-    state: TrainState,
-    *,
-    loss_fn: update_lib.LossFn | None = None,
-) -> Trainer:
-    """Jits the update once (explicit in/out shardings, the state donated) and the evaluation.
-
-    `state` may be real or abstract (`abstract_state`): only its shardings are read.
-    """
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    keys = batch_keys(config)
-    batch_sh = {k: parallel.batch_sharding(mesh, 2) for k in keys}
-    rep = parallel.replicated(mesh)
-    apply_fn = update_lib.make_apply_fn(graphdef, mesh)
-    tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
-    update = jax.jit(
-        update_lib.make_update(
-            apply_fn, tx, config.ppo, mesh=mesh, loss_fn=loss_fn or default_loss_fn(config)
-        ),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, rep),
-        donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(update_lib.evaluate, apply_fn=apply_fn, ppo=config.ppo),
-        in_shardings=(
-            state_sh.params,
-            {k: parallel.batch_sharding(mesh, 2) for k in update_lib.EVAL_KEYS},
-        ),
-        out_shardings=rep,
-    )
-    return Trainer(config, mesh, graphdef, keys, update, evaluate)
-
-
-# --- host-side helpers ----------------------------------------------------------------------------
-
-_INT_KEYS = ("tokens", "attention_mask", "segment_ids")
-
-
-def host_batch(
-    batch: dict[str, np.ndarray], keys: tuple[str, ...], *, vocab_size: int
-) -> dict[str, np.ndarray]:
-    """The arrays `keys` of a host batch, cast to the update's dtypes and checked.
-
-    Raises:
-      ValueError: when a key is missing or a token id is outside [0, vocab_size).
-    """
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ValueError(f"Rollout batch lacks {missing}. Received keys: {sorted(batch)}")
-    out = {}
-    for k in keys:
-        x = np.asarray(batch[k])
-        out[k] = x.astype(np.int32) if k in _INT_KEYS else x.astype(np.float32)
-    tokens = np.asarray(batch["tokens"])
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        bad = tokens[(tokens < 0) | (tokens >= vocab_size)].flat[0]
-        raise ValueError(
-            f"A rollout batch holds token id {bad}, outside the model's vocabulary "
-            f"[0, {vocab_size}). Received: token id {bad}"
-        )
-    return out
-
-
 def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def _json_safe(x: Any) -> Any:
-    """NaN and infinities become None, so every file written is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    return x
-
-
-def held_out(config: TrainConfig, mesh: jax.sharding.Mesh, rows: int | None = None):
-    """This process's slice of the held-out batch with true values, placed on the mesh
-    (synthetic data only; None for Parquet rollouts, whose true values are unknown)."""
-    if config.data.path is not None:
-        return None
-    dp = parallel.batch_parallel_size(mesh)
-    rows = rows or config.log.eval_rows
-    rows = max(dp, rows - rows % dp)
-    full = data_lib.held_out_batch(config.data, seed=config.seed, gamma=config.ppo.gamma, n=rows)
-    per = rows // jax.process_count()
-    lo = jax.process_index() * per
-    local = {k: np.asarray(full[k][lo : lo + per]) for k in update_lib.EVAL_KEYS}
-    local = host_batch(local, update_lib.EVAL_KEYS, vocab_size=config.model.vocab_size)
-    return parallel.make_global_batch(local, mesh)
-
-
-class MetricsWriter:
-    """Appends metrics to `metrics.jsonl` and TensorBoard event files (process 0 only)."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        tensorboard: bool,
-        resume_iteration: int = 0,
-        on_event: Callable[[str], None] = lambda s: None,
-    ):
-        self.enabled = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
-        self._tb = None
-        if not self.enabled:
-            return
-        workdir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # keep the lines up to the resumed iteration, drop damaged ones
-            keep, damaged = [], 0
-            for line in self.path.read_text(errors="replace").splitlines():
-                row = _parse_line(line)
-                if row is None:
-                    damaged += line.strip() != ""
-                elif row.get("iteration", 0) <= resume_iteration:
-                    keep.append(json.dumps(row, allow_nan=False))
-            if damaged:
-                on_event(f"warning: dropped {damaged} damaged line(s) of {self.path}")
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, iteration: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = _json_safe({"iteration": iteration, **metrics})
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, v, iteration)
-
-    def last(self) -> dict[str, Any]:
-        """The last line written (after a resume that had nothing left to run)."""
-        if not (self.enabled and self.path.exists()):
-            return {}
-        rows = [r for r in map(_parse_line, self.path.read_text().splitlines()) if r]
-        return rows[-1] if rows else {}
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _parse_line(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(row, dict) or not isinstance(row.get("iteration", 0), int):
-        return None
-    return row
-
-
-class _Signals:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between phases and updates.
-
-    Installed before any JAX work, so a signal during start-up or compilation never interrupts
-    XLA; a second signal exits at once (the process has been asked twice).
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        if self.signum is not None:
-            # A line of its own: a progress bar may be half-way through a line.
-            os.write(2, b"\ncritic-jax: interrupted twice; exiting without a save\n")
-            os._exit(128 + signum)
-        self.signum = signum
-
-    def check(self) -> None:
-        """Raises `Interrupted` if a signal came while there was nothing to save yet."""
-        if self.signum is not None:
-            raise Interrupted(self.signum)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            # After a signal the run has saved and is ending: a repeated Ctrl-C must not kill it
-            # on its way out.
-            signal.signal(sig, signal.SIG_IGN if self.signum is not None else old)
-
-
-class WorkdirLock:
-    """An exclusive lock on a workdir (`WORKDIR/.lock`, `fcntl.flock`): one live run per workdir.
-
-    The kernel drops the lock when its process dies, however it dies (SIGKILL included), so a
-    stale lock file never blocks a new run; the file only records the holder's pid for the
-    message.
-    """
-
-    def __init__(self, workdir: Path):
-        self.path = workdir / ".lock"
-        self._file = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise TrainingError(
-                f"workdir {self.path.parent} is in use by a running training process "
-                f"(pid {holder}); wait for it or choose another --workdir"
-            ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_config(saved: dict | None, config: TrainConfig, step: int) -> None:
-    """Refuses a resume whose config differs from the checkpoint's outside `RESUMABLE_KEYS`.
-
-    Raises:
-      TrainingError: naming every changed key, with the saved and the new value.
-    """
-    if saved is None:
-        return
-    old, new = _flatten(saved), _flatten(to_dict(config))
-    changed = [
-        k
-        for k in sorted(set(old) | set(new))
-        if k.split(".")[0] not in RESUMABLE_KEYS and old.get(k) != new.get(k)
-    ]
-    if changed:
-        listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise TrainingError(
-            f"cannot resume from checkpoint step {step}: these settings differ from the run "
-            f"that saved it ({listing}); only {', '.join(RESUMABLE_KEYS)} may change on resume. "
-            "Use a new --workdir, or --checkpoint.restore false to start over in this one"
-        )
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -612,7 +111,7 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
       Interrupted: on SIGINT / SIGTERM before the first update (nothing written).
     """
     workdir = Path(config.workdir)
-    with _Signals() as signals, contextlib.ExitStack() as stack:
+    with Signals() as signals, contextlib.ExitStack() as stack:
         parallel.initialize_distributed()
         if jax.process_index() == 0:  # the processes of one run share the workdir
             stack.enter_context(WorkdirLock(workdir))
@@ -803,7 +302,7 @@ class _Loop:
             "mesh": dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
         }
         summary.update(self.evaluate(state.params))
-        summary = _json_safe(summary)
+        summary = json_safe(summary)
         if jax.process_index() == 0:
             text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
             (self.workdir / "summary.json").write_text(text)

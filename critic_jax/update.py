@@ -108,6 +108,16 @@ def make_apply_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh) -> ApplyFn:
     """
 
     def apply_fn(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        # The mesh and the rule table in scope while the model is traced: activations are
+        # constrained by logical names, and kernels that cannot be partitioned automatically
+        # (Pallas splash attention) run in a `shard_map`.
+        with (
+            jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+            nnx.logical_axis_rules(parallel.LOGICAL_AXIS_RULES),
+        ):
+            return _apply(params, batch)
+
+    def _apply(params: Any, batch: Batch) -> dict[str, jax.Array]:
         params = parallel.gather_lookup_tables(params, mesh)
         model = nnx.merge(graphdef, params)
         kwargs = {}

@@ -42,6 +42,7 @@ from flax import nnx
 
 import critic_jax as cj
 from critic_jax import cli, rollouts
+from critic_jax import setup as setup_lib
 from critic_jax import train as train_lib
 from critic_jax.checkpoint import CheckpointConfig, CheckpointError
 from critic_jax.config import LogConfig, OptimConfig, PPOConfig
@@ -1345,7 +1346,7 @@ def _signal_at(monkeypatch, where: str, signum: int):
 
         monkeypatch.setattr(train_lib, "build_critic", build)
     elif where == "compilation":
-        original = train_lib.default_loss_fn
+        original = setup_lib.default_loss_fn
 
         def loss_fn(config):
             inner = original(config)
@@ -1356,7 +1357,7 @@ def _signal_at(monkeypatch, where: str, signum: int):
 
             return traced
 
-        monkeypatch.setattr(train_lib, "default_loss_fn", loss_fn)
+        monkeypatch.setattr(setup_lib, "default_loss_fn", loss_fn)
     elif where == "first update":
         original = train_lib._host
 

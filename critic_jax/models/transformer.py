@@ -572,6 +572,18 @@ class Block(nnx.Module):
         return h_btd + self.mlp(self.mlp_norm(h_btd))
 
 
+def _constrain_rows(x: jax.Array) -> jax.Array:
+    """`x` [B, ...] split by rows as the logical axis "batch" says, the rest whole, when a mesh and
+    logical-axis rules are in scope (the trainer's update); unchanged otherwise. Without it the
+    partitioner may split the residual stream's model axis like the FSDP-split weights and
+    reshuffle activations between devices in every layer."""
+    rules = dict(core_spmd.get_logical_axis_rules() or ())
+    if jax.sharding.get_abstract_mesh().empty or "batch" not in rules:
+        return x
+    spec = jax.sharding.PartitionSpec(rules["batch"], *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def run_blocks(
     blocks: Block,
     h_btd: jax.Array,
@@ -590,7 +602,8 @@ def run_blocks(
     graphdef, stacked = nnx.split(blocks)
 
     def one_block(h_btd, layer):
-        return nnx.merge(graphdef, layer)(h_btd, cos_btk, sin_btk, segment_ids_bt), None
+        h_btd = nnx.merge(graphdef, layer)(h_btd, cos_btk, sin_btk, segment_ids_bt)
+        return _constrain_rows(h_btd), None
 
     policy = REMAT_POLICIES[remat]
     if policy is not None:
