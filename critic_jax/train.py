@@ -207,6 +207,20 @@ class _Loop:
             except (OSError, ValueError):
                 self.on_event(f"warning: {summary_path} is missing or damaged; nothing to run")
             return {"steps": start, "nothing_to_run": True}
+        # The metrics of iterations after the restored checkpoint are dropped now: the resumed
+        # run writes them again.
+        writer = MetricsWriter(
+            self.workdir,
+            tensorboard=self.config.log.tensorboard,
+            resume_iteration=start,
+            on_event=self.on_event,
+        )
+        try:
+            return self.compile_and_iterate(state, start, writer)
+        finally:
+            writer.close()
+
+    def compile_and_iterate(self, state: TrainState, start: int, writer) -> dict[str, Any]:
         if self.hooks.eval_at_start and start == 0:
             self.on_iteration(0, self.evaluate(state.params), state)
         # A checkpoint stores the iterator's position just after the batch of the last finished
@@ -218,16 +232,7 @@ class _Loop:
             compiled = self.trainer.update.lower(state, batch).compile()
         self.compile_seconds = time.perf_counter() - t0
         self.signals.check()
-        writer = MetricsWriter(
-            self.workdir,
-            tensorboard=self.config.log.tensorboard,
-            resume_iteration=start,
-            on_event=self.on_event,
-        )
-        try:
-            return self.iterate(state, batch, compiled, start, writer)
-        finally:
-            writer.close()
+        return self.iterate(state, batch, compiled, start, writer)
 
     def save(self, state: TrainState, iteration: int, *, force: bool = False) -> None:
         save_state(

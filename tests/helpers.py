@@ -10,7 +10,6 @@ from critic_jax import parallel
 from critic_jax.checkpoint import CheckpointConfig
 from critic_jax.config import LogConfig, PPOConfig, TrainConfig
 from critic_jax.data import DataConfig
-from critic_jax.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = DataConfig().mrp.vocab_size
@@ -21,7 +20,9 @@ def tiny_config(
 ) -> TrainConfig:
     """A run that trains in seconds: one device, width 32, batch 32 in minibatches of 16,
     a checkpoint every 2 iterations, metrics every iteration, no TensorBoard."""
-    model = ModelConfig.tiny(vocab_size=VOCAB, d_model=32, num_layers=layers, mlp_dim=mlp_dim)
+    # The command line's default model (HL-Gauss bins included), narrower: runs of this config
+    # and `critic-jax train` flags resume each other.
+    model = dataclasses.replace(TrainConfig().model, d_model=32, num_layers=layers, mlp_dim=mlp_dim)
     base = TrainConfig(
         steps=steps,
         workdir=str(workdir),
