@@ -171,16 +171,19 @@ def plan(
                 raise
             compiled = None
     compile_seconds = time.perf_counter() - t0
+    report = {
+        "target": target,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "mesh": dict(zip(parallel.MESH_AXES, shape, strict=True)),
+        "seq_len": seq_len,
+        "tokens_per_iteration": config.data.batch_size * seq_len,
+        "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+    }
     if compiled is None:  # the compiler's own verdict: the temporaries alone exceed the chip
         temp, hbm = float(oom[1]) * GIB, float(oom[2]) * GIB
         return {
-            "target": target,
-            "devices": len(devices),
-            "device_kind": devices[0].device_kind,
-            "mesh": dict(zip(parallel.MESH_AXES, shape, strict=True)),
-            "seq_len": seq_len,
-            "tokens_per_iteration": config.data.batch_size * seq_len,
-            "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+            **report,
             "temp_bytes": int(temp),
             "peak_bytes_per_device": int(temp),
             "compile_seconds": compile_seconds,
@@ -205,13 +208,7 @@ def plan(
     limit = device_memory if device_memory is not None else chip_memory
     tokens = rows * seq_len
     return {
-        "target": target,
-        "devices": len(devices),
-        "device_kind": devices[0].device_kind,
-        "mesh": dict(zip(parallel.MESH_AXES, shape, strict=True)),
-        "seq_len": seq_len,
-        "tokens_per_iteration": tokens,
-        "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+        **report,
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "alias_bytes": int(memory.alias_size_in_bytes),

@@ -1,11 +1,9 @@
 """`critic-jax` end to end, and its answers to bad input: one line, exit code 2."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from critic_jax import cli
@@ -15,15 +13,7 @@ SMALL = ["--data.batch-size", "32", "--ppo.minibatch-size", "16", "--log.every",
 
 
 def _run(*args, timeout=300):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "critic_jax.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return helpers.run_cli(*args, timeout=timeout)
 
 
 def test_help_lists_subcommands(capsys):

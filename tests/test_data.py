@@ -9,6 +9,8 @@ import pytest
 from critic_jax import data, mrp, rollouts
 
 CONFIG = mrp.MRPConfig()
+# The arrays of a batch of the synthetic MRP (and of Parquet rollouts written from one).
+MRP_KEYS = ["attention_mask", "mask", "rewards", "tokens", "true_advantages", "true_values"]
 
 
 @pytest.mark.parametrize(
@@ -48,14 +50,7 @@ def test_synthetic_iterator_batches_resume_and_shard():
     config = data.DataConfig(batch_size=8)
     it = data.make_rollout_iterator(config, seed=3, gamma=0.9)
     first = _take(it, 3)
-    assert sorted(first[0]) == [
-        "attention_mask",
-        "mask",
-        "rewards",
-        "tokens",
-        "true_advantages",
-        "true_values",
-    ]
+    assert sorted(first[0]) == MRP_KEYS
     want = mrp.sample_mrp(config.mrp, seed=(3, 0, 1), batch_size=8, gamma=0.9)
     for k in first[1]:
         np.testing.assert_array_equal(first[1][k], want[k])
@@ -115,14 +110,7 @@ def test_parquet_iterator_epochs_resume_and_shard(rollout_files):
     config = data.DataConfig(path=str(folder / "*.parquet"), batch_size=16, packing=False)
     it = data.make_rollout_iterator(config, seed=4, gamma=1.0)
     epochs = _take(it, 6)  # 48 rows: 3 batches per epoch
-    assert sorted(epochs[0]) == [
-        "attention_mask",
-        "mask",
-        "rewards",
-        "tokens",
-        "true_advantages",
-        "true_values",
-    ]
+    assert sorted(epochs[0]) == MRP_KEYS
     assert all(b["tokens"].shape == (16, CONFIG.seq_len) for b in epochs)
     tokens = np.concatenate([b["tokens"] for b in epochs])
     rows = {r.tobytes() for r in batch["tokens"]}

@@ -521,16 +521,9 @@ def test_hl_gauss_errors():
 
 # ----------------------------------------------------------------------------- properties
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-PROPERTY = settings(
-    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-SHAPES = st.sampled_from([(1, 0), (3, 0), (1, 1), (3, 1), (2, 5), (4, 7), (2, 2, 6)])
-DENSITY = st.sampled_from([0.0, 0.3, 0.8, 1.0])
-DTYPES = st.sampled_from(["float32", "bfloat16", "float16"])
-SEEDS = st.integers(0, 2**31 - 1)
+from properties import DENSITY, DTYPES, PROPERTY, SEEDS, SHAPES  # noqa: E402
 
 
 @PROPERTY

@@ -152,21 +152,18 @@ def test_empty_arrays():
 
 # ----------------------------------------------------------------------------- properties
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-PROPERTY = settings(
-    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+from properties import DENSITY, DTYPES, PROPERTY, SEEDS, SHAPES  # noqa: E402
 
 
 @PROPERTY
 @given(
-    shape=st.sampled_from([(1, 0), (3, 0), (1, 1), (3, 1), (2, 5), (4, 7), (2, 2, 6)]),
-    density=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+    shape=SHAPES,
+    density=DENSITY,
     empty_row=st.booleans(),
-    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
-    seed=st.integers(0, 2**31 - 1),
+    dtype=DTYPES,
+    seed=SEEDS,
     axis=st.sampled_from([None, -1, 0]),
     shift_mean=st.booleans(),
 )
