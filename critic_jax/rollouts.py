@@ -251,8 +251,8 @@ def _read_file(
         fail_at(
             "tokens",
             high,
-            f"token id {tokens[high][0]} >= vocab_size {vocab_size} (outside the model's "
-            "vocabulary).",
+            f"token id {tokens[high][0]} >= vocab_size {vocab_size}: outside the model's "
+            f"vocabulary [0, {vocab_size}).",
         )
     attention = flat["attention_mask"].astype(np.int64)
     if (bad := (attention != 0) & (attention != 1)).any():

@@ -51,6 +51,13 @@ def _start(config_file: Path, workdir: Path, env: dict) -> subprocess.Popen:
     )
 
 
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _last_iteration(metrics: Path) -> int:
     try:
         lines = metrics.read_text().splitlines()
@@ -95,9 +102,14 @@ def test_sigkill_at_random_moments_then_resume_matches_a_clean_run(tmp_path):
     targets = [4 + 5 * k + int(rng.integers(0, 3)) for k in range(KILLS)]
     resumed = 0
     for target in targets:
+        started = time.time()
         proc = _start(config_file, workdir, env)
         deadline = time.monotonic() + 300
-        while _last_iteration(metrics) < target and proc.poll() is None:
+        # Wait for this process's own lines: a resumed run rewrites metrics.jsonl after it has
+        # restored its checkpoint (and said so); the earlier run's lines do not count.
+        while (
+            _last_iteration(metrics) < target or _modified(metrics) <= started
+        ) and proc.poll() is None:
             assert time.monotonic() < deadline, "training made no progress"
             time.sleep(0.02)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
