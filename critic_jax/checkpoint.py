@@ -209,6 +209,8 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+            # A failed asynchronous save may finish failing only now: leave no litter behind.
+            self._remove_partial_saves()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -43,22 +43,15 @@ import safetensors.numpy
 from flax import nnx
 
 from critic_jax.models.critic import ActorCritic, Critic, make_value_head
+from critic_jax.models.hf_config import (
+    FAMILIES,
+    OWN_KEY,
+    VALUE_HEAD_FIELDS,
+    read_config_json,
+    split_architecture,
+)
 from critic_jax.models.transformer import ModelConfig
 
-FAMILIES = {"Llama": "llama", "Qwen2": "qwen2"}
-HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
-SUPPORTED_ARCHITECTURES = tuple(f + h for f in FAMILIES for h in HEADS)
-_ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
-_REQUIRED_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-)
-# The key of config.json under which an export records what HF has no field for.
-_OWN_KEY = "critic_jax"
-_VALUE_HEAD_FIELDS = ("value_head", "value_bins", "value_min", "value_max", "value_sigma_ratio")
 # Stored by some older checkpoints; recomputed from the config here.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 # Weights must be floating point: integer tensors are quantised weights (or not weights at all),
@@ -76,59 +69,8 @@ Shardings = Any  # a pytree of jax.sharding.Sharding like nnx.state(model, nnx.P
 # ----------------------------------------------------------------------------- config.json
 
 
-def _split_architecture(hf_config: dict[str, Any]) -> tuple[str, str]:
-    archs = hf_config.get("architectures") or []
-    if isinstance(archs, list) and len(archs) > 1:
-        raise ValueError(
-            f"config.json lists several architectures; a checkpoint for one of "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} lists exactly one. Received: {archs}"
-        )
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"Unsupported architecture {arch!r} in config.json; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}. Received: {archs}"
-        )
-    family = next(f for f in FAMILIES if arch.startswith(f) and arch[len(f) :] in HEADS)
-    return family, arch[len(family) :]
-
-
-def _rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
-    # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older versions write
-    # `rope_theta` and an optional `rope_scaling` dict.
-    params, legacy = hf_config.get("rope_parameters"), hf_config.get("rope_scaling")
-    if params and legacy:  # both written: they must agree, or which one applies is unknown
-
-        def kind(r):
-            return r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else r
-
-        if kind(params) != kind(legacy):
-            raise ValueError(
-                f"config.json's rope_parameters and rope_scaling disagree on the rope type "
-                f"({kind(params)!r} vs {kind(legacy)!r}). Received: rope_parameters={params}, "
-                f"rope_scaling={legacy}"
-            )
-    rope = dict(params or legacy or {})
-    rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
-    rope.setdefault("rope_type", rope.get("type", "default"))
-    return rope
-
-
-def _read_config_json(source: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        hf_config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Cannot read {path}: {e}. Received: {str(source)!r}") from e
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{path} does not hold a JSON object. Received: {type(hf_config)}")
-    return hf_config, path
-
-
 def config_from_hf(hf_config: dict[str, Any] | str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face Llama / Qwen2 `config.json`.
+    """The `ModelConfig` of a Hugging Face Llama / Qwen2 `config.json` (`ModelConfig.from_hf`).
 
     Args:
       hf_config: the parsed `config.json`, its path, or the checkpoint directory holding it.
@@ -136,89 +78,14 @@ def config_from_hf(hf_config: dict[str, Any] | str | os.PathLike, **overrides: A
         `dtype` and `param_dtype` default to "float32" whatever the checkpoint's dtype.
 
     Raises:
-      ValueError: on an unreadable file, a missing key (named, with the file), an unsupported
-        architecture, rope type, activation or attention variant (Llama `attention_bias` /
-        `mlp_bias`, Qwen2 sliding windows).
+      ValueError: see `hf_config.model_fields`, and on an invalid field (naming the file).
     """
-    where = "config.json"
-    if not isinstance(hf_config, dict):
-        hf_config, path = _read_config_json(hf_config)
-        where = str(path)
-    family, _ = _split_architecture(hf_config)
-    for key in _REQUIRED_KEYS:
-        if key not in hf_config:
-            raise ValueError(
-                f"{where} has no {key!r}, which a {family} config needs. "
-                f"Received: keys {sorted(hf_config)}"
-            )
-    for key in (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim"):
-        value = hf_config.get(key)
-        if key in ("num_key_value_heads", "head_dim") and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {key} must be a positive integer. Received: {value!r}")
-    rope = _rope_parameters(hf_config)
-    if rope["rope_type"] not in _ROPE_TYPES:
-        raise ValueError(
-            f"Unsupported rope type {rope['rope_type']!r}; supported: "
-            f"{', '.join(_ROPE_TYPES)}. Received: {rope}"
-        )
-    act = hf_config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"Unsupported hidden_act {act!r}; only 'silu'. Received: {act!r}")
-    if family == "Llama":
-        for key in ("attention_bias", "mlp_bias"):
-            if hf_config.get(key):
-                raise ValueError(f"Unsupported Llama option {key}=true. Received: {key}=true")
-    if family == "Qwen2" and hf_config.get("use_sliding_window"):
-        raise ValueError(
-            "Unsupported Qwen2 option use_sliding_window=true (only full attention). "
-            f"Received: sliding_window={hf_config.get('sliding_window')}"
-        )
-    heads = hf_config["num_attention_heads"]
-    d_model = hf_config["hidden_size"]
-    scaling = _ROPE_TYPES[rope["rope_type"]]
-    max_position = hf_config.get("max_position_embeddings", 8192)
-    fields = dict(
-        vocab_size=hf_config["vocab_size"],
-        d_model=d_model,
-        num_layers=hf_config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=hf_config.get("head_dim") or d_model // heads,
-        mlp_dim=hf_config["intermediate_size"],
-        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope["rope_theta"]),
-        rope_scaling=scaling,
-        rope_factor=float(rope.get("factor", 1.0)) if scaling != "none" else 1.0,
-        qkv_bias=family == "Qwen2",
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        rope_original_max_position=int(max_position),
-        init_std=float(hf_config.get("initializer_range", 0.02)),
-    )
-    if scaling == "llama3":
-        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if key not in rope:
-                raise ValueError(
-                    f"{where}: the llama3 rope scaling has no {key!r}. Received: {rope}"
-                )
-        fields.update(
-            rope_low_freq_factor=float(rope["low_freq_factor"]),
-            rope_high_freq_factor=float(rope["high_freq_factor"]),
-            rope_original_max_position=int(rope["original_max_position_embeddings"]),
-        )
-    own = hf_config.get(_OWN_KEY) or {}
-    fields.update({k: own[k] for k in _VALUE_HEAD_FIELDS if k in own})
-    fields.update(overrides)
-    try:
-        return ModelConfig(**fields)
-    except (TypeError, ValueError) as e:  # a wrongly typed or invalid value: name the file
-        raise ValueError(f"{where}: {e}") from None
+    return ModelConfig.from_hf(hf_config, **overrides)
 
 
 def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
     """A `config.json` for `config`, read by transformers 4.x and 5.x alike."""
-    family, _ = _split_architecture({"architectures": [architecture]})
+    family, _ = split_architecture({"architectures": [architecture]})
     c = config
     if c.rope_scaling == "none":
         rope = {"rope_type": "default"}
@@ -260,8 +127,8 @@ def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
         "use_cache": False,
     }
     if c.value_head == "hl-gauss":
-        out[_OWN_KEY] = {k: getattr(c, k) for k in _VALUE_HEAD_FIELDS}
-        out[_OWN_KEY]["value_support"] = [float(x) for x in c.value_support]
+        out[OWN_KEY] = {k: getattr(c, k) for k in VALUE_HEAD_FIELDS}
+        out[OWN_KEY]["value_support"] = [float(x) for x in c.value_support]
     if family == "Llama":
         out.update(attention_bias=False, mlp_bias=False)
     else:
@@ -587,8 +454,8 @@ def _load_into(
 
 def _prepare(path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Path, ModelConfig, str]:
     path = Path(path)
-    hf_config, config_path = _read_config_json(path)
-    _, head = _split_architecture(hf_config)
+    hf_config, config_path = read_config_json(path)
+    _, head = split_architecture(hf_config)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = config_from_hf(config_path, **overrides)
     if head != "ForCausalLM":

@@ -33,6 +33,7 @@ from flax.core import spmd as core_spmd
 from jax.ad_checkpoint import checkpoint_name
 
 from critic_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
+from critic_jax.models.hf_config import model_fields
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -265,12 +266,15 @@ class ModelConfig:
         the checkpoint directory holding it. `overrides` set single fields (e.g. dtype).
 
         Raises:
-          ValueError: on an unreadable file, a missing key, or an unsupported architecture or
-            option (see `critic_jax.models.hf.config_from_hf`, where the parsing lives).
+          ValueError: on an unreadable file, a missing key, an unsupported architecture or
+            option (see `hf_config.model_fields`), or an invalid value (each
+            naming the file).
         """
-        from critic_jax.models import hf  # hf imports this module: import at call time.
-
-        return hf.config_from_hf(hf_config, **overrides)
+        fields, where = model_fields(hf_config)
+        try:
+            return cls(**{**fields, **overrides})
+        except (TypeError, ValueError) as e:  # a wrongly typed or invalid value: name the file
+            raise ValueError(f"{where}: {e}") from None
 
     @property
     def compute_dtype(self) -> jnp.dtype:
