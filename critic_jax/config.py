@@ -45,7 +45,8 @@ class PPOConfig:
         advantages and written by `critic-jax score`); the critic's targets use `lam`
         (decoupled GAE, VC-PPO: `lam` 1.0 for the critic, `policy_lam` 0.95 for the policy).
       adaptive_lam_alpha: if set, the policy's λ is length-adaptive per row (VAPO):
-        λ = 1 − 1/(α·l), l the row's action count; `policy_lam` is then unused.
+        λ = 1 − 1/(α·l), l the row's action count; `policy_lam` is then unused, except for
+        packed rows (several rollouts a row), which keep `policy_lam`.
       use_rollout_old_values: take `old_values` from the data when it has them, instead of
         evaluating the critic on the batch before the update.
     """

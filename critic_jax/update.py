@@ -198,7 +198,9 @@ def old_values(
 
 def policy_lam(mask: jax.Array, ppo: PPOConfig, segment_ids=None) -> jax.Array | float:
     """The policy's λ: `ppo.policy_lam`, or per row `length_adaptive_lam` when
-    `ppo.adaptive_lam_alpha` is set."""
+    `ppo.adaptive_lam_alpha` is set. Packed rows hold several rollouts of different lengths and
+    λ is one value per row, so they use the fixed `ppo.policy_lam` (`critic-jax score`, which
+    reads one rollout per row, applies the length-adaptive λ)."""
     if ppo.adaptive_lam_alpha is None or segment_ids is not None:
         return ppo.policy_lam
     return length_adaptive_lam(mask, alpha=ppo.adaptive_lam_alpha)
