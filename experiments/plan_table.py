@@ -16,8 +16,8 @@ the planner turns into Pallas splash on TPU targets and the XLA path on CPU):
 - `qwen05-v5e-32k`: Qwen2.5-0.5B shape, T 32768, batch 8 / minibatch 8, fsdp 8, bf16 / f32,
   remat full, on tpu-v5e:2x4 (target: peak <= 8 GiB a chip).
 - `depth-4`, `depth-32`: compile time of the update at 4 and 32 layers, width 256 (4 heads of
-  64, MLP 688), T 2048, batch 8 / minibatch 8, one CPU device, f32, remat none (target: 32-layer
-  compile <= 1.5x the 4-layer one).
+  64, MLP 688), T 2048, batch 8 / minibatch 8, one CPU device, f32, remat none, the layers
+  scanned at both depths (target: 32-layer compile <= 1.5x the 4-layer one).
 - `depth-{4,32}-r2/-r3`: two more interleaved runs of the depth pair (the verdict takes the
   median of each depth), and `depth-{4,32}-bf16-full`: the pair in bf16 / f32 with full remat.
 - extras: Llama-3.2-1B shape at T 8192 on v5e 2x4 with remat full / none / dots, and the
@@ -59,7 +59,7 @@ ROW8 = ["--data.batch-size", "8", "--ppo.minibatch-size", "8"]
 FSDP8 = ["--mesh.data", "1", "--mesh.fsdp", "8"]
 WIDTH256 = [
     "--model.d-model", "256", "--model.num-heads", "4", "--model.num-kv-heads", "4",
-    "--model.head-dim", "64", "--model.mlp-dim", "688",
+    "--model.head-dim", "64", "--model.mlp-dim", "688", "--model.layer-loop", "scan",
 ]  # fmt: skip
 
 # Each row: id, model label, T, target, (fake CPU devices), flags, timeout (s), and the issue's

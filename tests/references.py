@@ -161,6 +161,27 @@ def _segment_positions(ids_row):
     return out
 
 
+def segment_layout(segment_ids):
+    """(positions, previous) int64 [B, T] by a loop: the count of earlier tokens of t's segment
+    and the index of the previous one (-1 at its first token); on padding (id 0) position 0 and
+    the last real index before t (-1 if none)."""
+    ids = np.asarray(segment_ids)
+    positions = np.zeros(ids.shape, np.int64)
+    previous = np.full(ids.shape, -1, np.int64)
+    for b in range(ids.shape[0]):
+        last_of, last_real = {}, -1
+        for t, s in enumerate(ids[b]):
+            s = int(s)
+            if s == 0:
+                previous[b, t] = last_real
+                continue
+            seen = [u for u in range(t) if ids[b, u] == s]
+            positions[b, t] = len(seen)
+            previous[b, t] = last_of.get(s, -1)
+            last_of[s], last_real = t, t
+    return positions, previous
+
+
 def segmented_gae(rewards, values, mask, *, gamma, lam, bootstrap_value=None, segment_ids=None):
     """Skip-mask GAE run separately on each segment of each row, γ and λ scalars or per row.
 

@@ -9,12 +9,19 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 from flax import nnx
 
 from critic_jax import parallel
 from critic_jax.models import ActorCritic, Critic, HLGaussHead, ModelConfig, ValueHead
 from critic_jax.models.critic import shift_values
-from critic_jax.models.transformer import MLP, PRESETS, rope_frequencies, segment_layout
+from critic_jax.models.transformer import (
+    LAYER_LOOPS,
+    MLP,
+    PRESETS,
+    rope_frequencies,
+    segment_layout,
+)
 
 VOCAB = 96
 B, T = 3, 10
@@ -230,6 +237,33 @@ def test_segment_layout_positions_and_previous_tokens():
     np.testing.assert_array_equal(shift_values(scores, seg), shift_values(scores, segment_ids=seg))
 
 
+@pytest.mark.parametrize("order", ["runs", "interleaved", "mixed"])
+def test_segment_layout_matches_the_loop_reference(order):
+    """Both paths of `segment_layout` (cumulative sums for ids that never decrease along a row,
+    the stable sort otherwise) against a loop, on packed rows with gaps and holes, padding masks
+    (left, right, holes, empty rows) and rows whose ids come back; under jit and vmap too."""
+    rng = np.random.default_rng({"runs": 0, "interleaved": 1, "mixed": 2}[order])
+    rows = []
+    for _ in range(4):
+        _, ids = references.packed_mask_and_ids(rng, 6, 24)
+        rows.append(ids)
+    mask = references.mixed_mask(rng, (6, 24))
+    rows.append(mask.astype(np.int32))
+    seg = np.concatenate(rows)
+    if order != "runs":
+        scrambled = rng.integers(0, 4, seg.shape)
+        seg = scrambled if order == "interleaved" else np.concatenate([seg, scrambled[:1]])
+    positions, previous = references.segment_layout(seg)
+    got = segment_layout(jnp.asarray(seg), seg.shape)
+    np.testing.assert_array_equal(got[0], positions)
+    np.testing.assert_array_equal(got[1], previous)
+    jitted = jax.jit(segment_layout, static_argnums=1)(jnp.asarray(seg), seg.shape)
+    np.testing.assert_array_equal(jitted[1], previous)
+    mapped = jax.vmap(lambda s: segment_layout(s[None], (1, seg.shape[1])))(jnp.asarray(seg))
+    np.testing.assert_array_equal(mapped[0][:, 0], positions)
+    np.testing.assert_array_equal(mapped[1][:, 0], previous)
+
+
 PACK_CONFIG = dataclasses.replace(CONFIG, num_layers=2, attention_block_size=4)
 LENGTHS = (5, 4, 5)
 
@@ -427,17 +461,28 @@ def test_logits_and_values_needs_the_hl_gauss_head(critic):
 # ----------------------------------------------------------------------------- scale
 
 
+def _lowered(config):
+    """(length, while loops) of the lowered text of the critic's gradient."""
+    abstract = nnx.eval_shape(lambda: Critic(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    grad = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(_tokens())))
+    text = jax.jit(grad).lower(params).as_text()
+    return len(text), text.count("stablehlo.while")
+
+
 def test_layers_are_one_scanned_block():
-    """The lowered program holds one block whatever the depth, and the scan equals applying the
-    layers one by one."""
-    sizes = {}
-    for layers in (2, 8):
-        config = dataclasses.replace(CONFIG, num_layers=layers, remat="full")
-        abstract = nnx.eval_shape(lambda c=config: Critic(c, rngs=nnx.Rngs(0)))
-        graphdef, params = nnx.split(abstract, nnx.Param)
-        grad = jax.grad(lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(_tokens())))
-        sizes[layers] = len(jax.jit(grad).lower(params).as_text())
-    assert sizes[8] < 1.05 * sizes[2], sizes
+    """The lowered program holds one block whatever the depth ("scan"; "auto" above
+    `UNROLL_MAX_LAYERS` or with remat), "unroll" writes the blocks out, and every loop equals
+    applying the layers one by one."""
+    out = {}
+    cases = [(2, "scan", "full"), (8, "scan", "full"), (8, "auto", "none"), (2, "auto", "full")]
+    cases += [(2, "unroll", "full"), (4, "auto", "none")]
+    for layers, loop, remat in cases:
+        config = dataclasses.replace(CONFIG, num_layers=layers, remat=remat, layer_loop=loop)
+        out[layers, loop, remat] = _lowered(config)
+    assert out[8, "scan", "full"][0] < 1.05 * out[2, "scan", "full"][0], out
+    assert out[8, "auto", "none"][1] == out[2, "auto", "full"][1] == 2, out  # scanned
+    assert out[2, "unroll", "full"][1] == out[4, "auto", "none"][1] == 0, out  # written out
 
     model = _random_model(Critic, PACK_CONFIG, seed=4)
     tokens = _tokens(15)
@@ -450,8 +495,10 @@ def test_layers_are_one_scanned_block():
         layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
         h = layer(h, jnp.cos(angles), jnp.sin(angles), jnp.ones((B, T), jnp.int32))
     want = model.head(bb.norm(h))
-    got = nnx.jit(lambda m, x: m.head(m.backbone(x)))(model, tokens)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for loop in LAYER_LOOPS:
+        model.backbone.config = dataclasses.replace(PACK_CONFIG, layer_loop=loop)
+        got = nnx.jit(lambda m, x: m.head(m.backbone(x)))(model, tokens)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=loop)
 
 
 def _temp_bytes(config, seq_len, device=None):
@@ -468,8 +515,15 @@ def _temp_bytes(config, seq_len, device=None):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+# Layers scanned in both: the question is what the policy keeps, not the loop.
 REMAT_MEMORY_CONFIG = ModelConfig.tiny(
-    vocab_size=VOCAB, num_layers=4, d_model=128, head_dim=32, mlp_dim=256, attention="xla-flash"
+    vocab_size=VOCAB,
+    num_layers=4,
+    d_model=128,
+    head_dim=32,
+    mlp_dim=256,
+    attention="xla-flash",
+    layer_loop="scan",
 )
 
 
