@@ -150,6 +150,7 @@ class _Loop:
         self.on_iteration = hooks.on_iteration or (lambda i, m, s: None)
         self.eval_every = config.log.eval_every if hooks.eval_every is None else hooks.eval_every
         self.evaluation = held_out(config, trainer.mesh)
+        self.fetched_real_tokens = 0  # attended tokens of the last batch fetched, all processes
 
     def evaluate(self, params) -> dict[str, float]:
         if not self.evaluation:
@@ -162,6 +163,9 @@ class _Loop:
         if self.hooks.transform_batch is not None:
             raw = self.hooks.transform_batch(dict(raw))
         local = host_batch(raw, self.trainer.batch_keys, vocab_size=self.config.model.vocab_size)
+        # Every process holds the same number of rows, so its count times the processes.
+        real = np.count_nonzero(local["attention_mask"])
+        self.fetched_real_tokens = int(real) * jax.process_count()
         return parallel.make_global_batch(local, self.trainer.mesh)
 
     def restore(self, state: TrainState) -> tuple[TrainState, int]:
@@ -248,6 +252,7 @@ class _Loop:
         config = self.config
         ahead = self.iterator.get_state()
         tokens_per_batch = config.data.batch_size * batch["tokens"].shape[1]
+        batch_real, real_done = self.fetched_real_tokens, 0
         last: dict[str, float] = {}
         stop_reason, settled = None, 0
         t_start = time.perf_counter()
@@ -255,9 +260,11 @@ class _Loop:
         for it in range(start, config.steps):
             state, metrics = compiled(state, batch)
             done = it + 1
+            real_done += batch_real
             self.position = ahead
             if done < config.steps:  # prepare the next batch while the update runs
                 batch = self.next_batch()
+                batch_real = self.fetched_real_tokens
                 ahead = self.iterator.get_state()
             host = None
             evaluating = bool(self.eval_every) and done % self.eval_every == 0
@@ -267,6 +274,7 @@ class _Loop:
                     host.update(self.evaluate(state.params))
                 elapsed = time.perf_counter() - t_start
                 host["tokens_per_second"] = (done - start) * tokens_per_batch / max(elapsed, 1e-9)
+                host["real_tokens_per_second"] = real_done / max(elapsed, 1e-9)
                 writer.write(done, host)
                 last = host
                 _check_learning(state, done - start, config)
@@ -301,6 +309,7 @@ class _Loop:
             "explained_variance": last.get("explained_variance"),
             "skipped_updates": int(jax.device_get(update_lib.skipped_updates(state.opt_state))),
             "tokens_per_second": (done - start) * tokens_per_batch / max(elapsed, 1e-9),
+            "real_tokens_per_second": real_done / max(elapsed, 1e-9),
             "compile_seconds": self.compile_seconds,
             "train_seconds": elapsed,
             "devices": mesh.size,

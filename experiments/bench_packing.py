@@ -23,8 +23,11 @@ ratio compares the layouts of one combination). `flash_block_pairs_per_row` mode
 "xla-flash" attention from the library's loop bounds (see `flash_block_pairs`), which explains
 the ratio; results/bench_packing.md has the analysis.
 
-    python experiments/bench_packing.py --attention auto xla --micro-batches 1 8   # results/
-    python experiments/bench_packing.py --d-model 256 --mlp-dim 1024   # a linear-bound critic
+The default critic is the train-step benchmark's shape with one layer (width 256, 4 heads of 64,
+MLP 688); the flags set another one.
+
+    python experiments/bench_packing.py --micro-batches 1 8   # results/
+    python experiments/bench_packing.py --d-model 64 --mlp-dim 128 --head-dim 16   # attention-bound
 """
 
 from __future__ import annotations
@@ -209,8 +212,10 @@ def main():
     ap.add_argument("--vocab", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8, help="rows per batch, both layouts")
     ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--mlp-dim", type=int, default=128, help="MLP width (ModelConfig.tiny: 128)")
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--mlp-dim", type=int, default=688)
+    ap.add_argument("--num-heads", type=int, default=4, help="query heads (and kv heads)")
+    ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds")
     ap.add_argument("--steps", type=int, default=3, help="updates per layout per round")
     ap.add_argument(
@@ -253,6 +258,9 @@ def main():
                 num_layers=args.layers,
                 d_model=args.d_model,
                 mlp_dim=args.mlp_dim,
+                num_heads=args.num_heads,
+                num_kv_heads=args.num_heads,
+                head_dim=args.head_dim,
                 attention=attention,
                 attention_block_size=args.block_size,
             )
@@ -365,7 +373,7 @@ def main():
         f"{args.rollouts} log-normal rollouts (length mean {lengths.mean():.0f}, median "
         f"{np.median(lengths):.0f}, max {lengths.max()}, clipped at {args.max_len}), rows of "
         f"{args.max_len} tokens, {args.batch} rows per batch, a {args.layers}-layer d_model "
-        f"{args.d_model} (MLP {args.mlp_dim}) critic, one PPO epoch of one minibatch per update. "
+        f"{args.d_model} (MLP {args.mlp_dim}, {args.num_heads} heads x {args.head_dim}) critic, one PPO epoch of one minibatch per update. "
         "Useful tokens = real (attended) tokens; action tokens/s in the CSV. Only the update is "
         "timed; "
         f"{args.rounds} alternating rounds of {args.steps} updates per layout.\n\n"

@@ -60,6 +60,7 @@ def test_bench_packing_writes_both_layouts(tmp_path):
     _run(
         "bench_packing.py",
         *("--rollouts", "24", "--max-len", "64", "--batch", "2", "--rounds", "1", "--steps", "1"),
+        *("--d-model", "32", "--mlp-dim", "64", "--num-heads", "2", "--head-dim", "16"),
         *("--results", str(tmp_path)),
     )
     with open(tmp_path / "bench_packing.csv") as f:

@@ -34,6 +34,7 @@ def test_train_writes_summary_metrics_events_and_checkpoints(tmp_path):
         "relative_value_error",
         "explained_variance_vs_true",
         "tokens_per_second",
+        "real_tokens_per_second",
         "compile_seconds",
     ):
         assert key in summary
