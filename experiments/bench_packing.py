@@ -252,18 +252,11 @@ def main():
         )
         layouts: list[Layout] = []
         variants = [(a, m) for a in args.attention for m in args.micro_batches]
+        sizes = dict(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model)
+        heads = dict(num_heads=args.num_heads, num_kv_heads=args.num_heads, head_dim=args.head_dim)
         for attention, micro in variants:
-            model = ModelConfig.tiny(
-                vocab_size=args.vocab,
-                num_layers=args.layers,
-                d_model=args.d_model,
-                mlp_dim=args.mlp_dim,
-                num_heads=args.num_heads,
-                num_kv_heads=args.num_heads,
-                head_dim=args.head_dim,
-                attention=attention,
-                attention_block_size=args.block_size,
-            )
+            blocks = dict(attention=attention, attention_block_size=args.block_size)
+            model = ModelConfig.tiny(**sizes, **heads, **blocks, mlp_dim=args.mlp_dim)
             for name, packing in (("padded", False), ("packed", True)):
                 config = TrainConfig(
                     steps=args.rounds * args.steps + 1,
@@ -373,7 +366,8 @@ def main():
         f"{args.rollouts} log-normal rollouts (length mean {lengths.mean():.0f}, median "
         f"{np.median(lengths):.0f}, max {lengths.max()}, clipped at {args.max_len}), rows of "
         f"{args.max_len} tokens, {args.batch} rows per batch, a {args.layers}-layer d_model "
-        f"{args.d_model} (MLP {args.mlp_dim}, {args.num_heads} heads x {args.head_dim}) critic, one PPO epoch of one minibatch per update. "
+        f"{args.d_model} (MLP {args.mlp_dim}, {args.num_heads} heads x {args.head_dim}) critic, "
+        "one PPO epoch of one minibatch per update. "
         "Useful tokens = real (attended) tokens; action tokens/s in the CSV. Only the update is "
         "timed; "
         f"{args.rounds} alternating rounds of {args.steps} updates per layout.\n\n"

@@ -10,15 +10,11 @@ Three ways to start a critic:
 Trainers take the parameters with `graphdef, params = nnx.split(critic, nnx.Param)`.
 """
 
+from critic_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from critic_jax.models.config import PRESETS, REMAT_POLICIES, ModelConfig
 from critic_jax.models.critic import ActorCritic, Critic, HLGaussHead, ValueHead
 from critic_jax.models.hf import actor_critic_from_hf, config_from_hf, critic_from_hf, critic_to_hf
-from critic_jax.models.transformer import (
-    ATTENTION_IMPLEMENTATIONS,
-    PRESETS,
-    REMAT_POLICIES,
-    ModelConfig,
-    Transformer,
-)
+from critic_jax.models.transformer import Transformer
 
 __all__ = (
     "ATTENTION_IMPLEMENTATIONS",

@@ -18,16 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from critic_jax.models.transformer import (
-    VALUE_HEAD_INITS,
-    ModelConfig,
-    Transformer,
-    make_param,
-    partitioned,
-    prepare_inputs,
-    segment_ids_from,
-    segment_layout,
-)
+from critic_jax.models.config import VALUE_HEAD_INITS, ModelConfig
+from critic_jax.models.segments import prepare_inputs, segment_ids_from, segment_layout
+from critic_jax.models.transformer import Transformer, make_param, partitioned
 
 
 def _gather_previous(x_bt: jax.Array, previous_bt: jax.Array) -> jax.Array:

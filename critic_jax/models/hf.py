@@ -42,6 +42,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from critic_jax.models.config import ModelConfig
 from critic_jax.models.critic import ActorCritic, Critic, make_value_head
 from critic_jax.models.hf_config import (
     FAMILIES,
@@ -50,7 +51,6 @@ from critic_jax.models.hf_config import (
     read_config_json,
     split_architecture,
 )
-from critic_jax.models.transformer import ModelConfig
 
 # Stored by some older checkpoints; recomputed from the config here.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")

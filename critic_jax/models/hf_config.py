@@ -1,6 +1,6 @@
 """Hugging Face `config.json` of a Llama / Qwen2 checkpoint -> the fields of a `ModelConfig`.
 
-A leaf module: `transformer.ModelConfig.from_hf` and the checkpoint import/export of `hf` both read
+A leaf module: `config.ModelConfig.from_hf` and the checkpoint import/export of `hf` both read
 it, and it imports neither.
 """
 

@@ -8,8 +8,10 @@ angles and the final hidden states are float32.
 
 The decoder blocks are one `Block` whose parameters are stacked on a leading "layers" axis;
 `Transformer.__call__` runs them with one `jax.lax.scan` over a pure block function (split/merge),
-so a block is traced and compiled once whatever the depth, and `jax.checkpoint` with the
-configured policy (`ModelConfig.remat`) wraps that pure function.
+so a block is traced and compiled once whatever the depth (`ModelConfig.layer_loop` may write the
+scan out for shallow stacks), and `jax.checkpoint` with the configured policy
+(`ModelConfig.remat`) wraps that pure function. `ModelConfig` lives in `config`, the segment
+helpers in `segments`; both are re-exported here.
 
 Sequences are described by segment ids: int [B, T], 0 on padding, and tokens with the same
 nonzero id form one sequence (a packed row holds several). A 0/1 attention mask is the one-segment
@@ -20,10 +22,8 @@ on its real tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,279 +33,44 @@ from flax.core import spmd as core_spmd
 from jax.ad_checkpoint import checkpoint_name
 
 from critic_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
-from critic_jax.models.hf_config import model_fields
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ROPE_SCALINGS = ("none", "linear", "llama3")
-VALUE_HEAD_INITS = ("zeros", "normal")
-VALUE_HEADS = ("scalar", "hl-gauss")
-LAYER_LOOPS = ("auto", "scan", "unroll")
-# "auto" unrolls the layer loop up to this depth (without remat) and scans deeper stacks. Measured
-# on CPU (the train-step benchmark, 4 layers, width 256): unrolled ~7% faster a step; the compile
-# time of an unrolled stack grows with depth (28 s at 4 layers, 103 s at 32), a scanned one's does
-# not; and the CPU compiler keeps the memory that remat saves only when the layers are scanned.
-UNROLL_MAX_LAYERS = 4
-# What the backward pass keeps of each block (everything else is recomputed from the block's
-# input, which the layer scan keeps anyway). None: no `jax.checkpoint` at all.
-REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "attention-out": jax.checkpoint_policies.save_only_these_names("attention_out"),
-}
-
-# The shape fields of ModelConfig, as the columns of the table of shapes below (then rope scaling).
-_SHAPE_COLUMNS = (
-    "vocab_size",
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "mlp_dim",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_original_max_position",
-    "qkv_bias",
-    "tie_embeddings",
+from critic_jax.models.config import (
+    DTYPES,
+    LAYER_LOOPS,
+    PRESETS,
+    REMAT_POLICIES,
+    ROPE_SCALINGS,
+    UNROLL_MAX_LAYERS,
+    VALUE_HEAD_INITS,
+    VALUE_HEADS,
+    ModelConfig,
 )
-_NO_ROPE_SCALING = dict(
-    rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0
-)
+from critic_jax.models.segments import prepare_inputs, segment_ids_from, segment_layout
 
-
-def _shape(row: tuple, **rope_scaling: Any) -> dict[str, Any]:
-    return {**dict(zip(_SHAPE_COLUMNS, row, strict=True)), **_NO_ROPE_SCALING, **rope_scaling}
-
-
-# A shape field left None takes its value from `preset`, or from the tiny CPU model without one.
-_TINY = _shape((256, 64, 2, 4, 2, 16, 128, 1e-6, 1e4, 8192, False, False))
-# The published shapes of the Hugging Face checkpoints of these names (config.json); random init.
-PRESETS: dict[str, dict[str, Any]] = {
-    # meta-llama/Meta-Llama-3-8B (no rope scaling; Llama 3.1 added it)
-    "llama3-8b": _shape((128256, 4096, 32, 32, 8, 128, 14336, 1e-5, 5e5, 8192, False, False)),
-    # meta-llama/Llama-3.2-1B
-    "llama3.2-1b": _shape(
-        (128256, 2048, 16, 32, 8, 64, 8192, 1e-5, 5e5, 8192, False, True),
-        rope_scaling="llama3",
-        rope_factor=32.0,
-    ),
-    # Qwen/Qwen2.5-0.5B
-    "qwen2.5-0.5b": _shape((151936, 896, 24, 14, 2, 64, 4864, 1e-6, 1e6, 32768, True, True)),
-    # Qwen/Qwen2.5-7B
-    "qwen2.5-7b": _shape((152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, 131072, True, False)),
-}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """Shape and numerics of the decoder and its value head.
-
-    Shape fields (from `vocab_size` to `tie_embeddings`) left None are filled in `__post_init__`:
-    from `PRESETS[preset]` when `preset` is set, else from the tiny CPU model (2 layers, width 64).
-    A field given explicitly always wins, so `ModelConfig(preset="llama3.2-1b", num_layers=2)` is
-    a 2-layer model of Llama-3.2-1B's width. On the command line `--model.preset NAME` must build
-    the default model as `ModelConfig.from_preset(NAME)` before the other `--model.*` flags are
-    parsed (tyro passes every field of its default), so each of them overrides one field.
-    `num_heads * head_dim` need not equal `d_model` (Llama allows it).
-
-    Attributes:
-      preset: one of `PRESETS` ("llama3-8b", "llama3.2-1b", "qwen2.5-0.5b", "qwen2.5-7b") or None.
-      vocab_size: number of token ids.
-      d_model: width of the residual stream.
-      num_layers: decoder blocks.
-      num_heads: query heads.
-      num_kv_heads: key/value heads (grouped-query attention); divides `num_heads`.
-      head_dim: width of one attention head.
-      mlp_dim: hidden width of the SwiGLU MLP.
-      rms_norm_eps: epsilon of every RMSNorm.
-      rope_theta: rotary base.
-      rope_scaling: "none", "linear" (positions divided by `rope_factor`) or "llama3" (the
-        Llama-3.1 frequency-dependent rule using every `rope_*` field below).
-      rope_factor: scaling factor of "linear" and "llama3".
-      rope_low_freq_factor: "llama3" only.
-      rope_high_freq_factor: "llama3" only.
-      rope_original_max_position: "llama3" only: the pre-training context length.
-      qkv_bias: bias on the q, k and v projections (Qwen2).
-      tie_embeddings: the LM head reuses the token embedding (only `ActorCritic` has an LM head).
-      dtype: compute dtype, one of "float32", "bfloat16", "float16".
-      param_dtype: storage dtype of the parameters, same choices ("float32" master weights with
-        "bfloat16" compute is the mixed-precision setting).
-      remat: what the backward pass keeps of each block: "none" (everything), "full" (only the
-        block's input; the rest is recomputed), "dots" (the outputs of the weight matmuls:
-        projections and MLP; attention and elementwise ops are recomputed), "attention-out" (the
-        attention output before its projection). True and False (or "true" / "false") are read as
-        "full" and "none".
-      layer_loop: how the stacked blocks run: "scan" (one `jax.lax.scan`: one block traced and
-        compiled at any depth), "unroll" (the same scan fully unrolled: the blocks written out,
-        which XLA schedules across layers; compile time grows with depth) or "auto" ("unroll" up
-        to `UNROLL_MAX_LAYERS` layers without remat, "scan" otherwise). The numbers are the
-        same either way.
-      attention: attention implementation, one of `ATTENTION_IMPLEMENTATIONS` (see
-        `critic_jax.models.attention`); "auto" picks the fused kernel of the backend (cuDNN on
-        GPU, splash on TPU) and an XLA path on CPU.
-      attention_block_size: block length of the "xla", "xla-flash" and "splash" attention
-        paths (see `critic_jax.models.attention`); 0 means one block of T. The result is the
-        same either way.
-      value_head: "scalar" (Linear(d_model -> 1)) or "hl-gauss" (Linear(d_model -> value_bins)
-        logits over a fixed support; the value is their softmax's expectation).
-      value_bins: number of bins of "hl-gauss" (>= 2).
-      value_min: centre of the first bin.
-      value_max: centre of the last bin.
-      value_sigma_ratio: the HL-Gauss target's std in bin widths (`sigma = ratio * width`).
-      value_head_init: "zeros" (V = 0 at step 0; uniform bins for "hl-gauss") or "normal"
-        (std 1 / (d_model + 1)).
-      init_std: std of the normal initialiser of the backbone's matrices.
-    """
-
-    preset: str | None = None
-    vocab_size: int | None = None
-    d_model: int | None = None
-    num_layers: int | None = None
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    mlp_dim: int | None = None
-    rms_norm_eps: float | None = None
-    rope_theta: float | None = None
-    rope_scaling: str | None = None
-    rope_factor: float | None = None
-    rope_low_freq_factor: float | None = None
-    rope_high_freq_factor: float | None = None
-    rope_original_max_position: int | None = None
-    qkv_bias: bool | None = None
-    tie_embeddings: bool | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"
-    layer_loop: str = "auto"
-    attention: str = "auto"
-    attention_block_size: int = 128
-    value_head: str = "scalar"
-    value_bins: int = 51
-    value_min: float = -1.0
-    value_max: float = 1.0
-    value_sigma_ratio: float = 0.75
-    value_head_init: str = "zeros"
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(
-                f"Unknown model.preset {self.preset!r}; valid: {', '.join(PRESETS)}. "
-                f"Received: {self.preset!r}"
-            )
-        defaults = {**_TINY, **PRESETS.get(self.preset, {})}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        # The boolean flag of earlier configs (and its spelling on a command line).
-        if isinstance(self.remat, bool) or str(self.remat).lower() in ("true", "false"):
-            on = self.remat is True or str(self.remat).lower() == "true"
-            object.__setattr__(self, "remat", "full" if on else "none")
-        for name in _SHAPE_COLUMNS[:7] + ("rope_original_max_position",):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer. Received: {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                "model.num_heads must be a multiple of model.num_kv_heads. "
-                f"Received: num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(
-                f"model.head_dim must be even (rotary pairs). Received: {self.head_dim}"
-            )
-        if not isinstance(self.attention_block_size, int) or self.attention_block_size < 0:
-            raise ValueError(
-                "model.attention_block_size must be a non-negative integer. "
-                f"Received: {self.attention_block_size!r}"
-            )
-        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "init_std", "value_sigma_ratio"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"model.{name} must be positive. Received: {value!r}")
-        if self.rope_scaling == "llama3" and not (
-            0 < self.rope_low_freq_factor < self.rope_high_freq_factor
-        ):
-            raise ValueError(
-                "model.rope_low_freq_factor must be positive and below rope_high_freq_factor. "
-                f"Received: low={self.rope_low_freq_factor}, high={self.rope_high_freq_factor}"
-            )
-        if self.value_head == "hl-gauss":
-            if not isinstance(self.value_bins, int) or self.value_bins < 2:
-                raise ValueError(
-                    f"model.value_bins must be an integer >= 2. Received: {self.value_bins!r}"
-                )
-            if not self.value_min < self.value_max:
-                raise ValueError(
-                    "model.value_min must be below model.value_max. "
-                    f"Received: value_min={self.value_min}, value_max={self.value_max}"
-                )
-        for name, valid in (
-            ("dtype", tuple(DTYPES)),
-            ("param_dtype", tuple(DTYPES)),
-            ("rope_scaling", ROPE_SCALINGS),
-            ("value_head_init", VALUE_HEAD_INITS),
-            ("value_head", VALUE_HEADS),
-            ("remat", tuple(REMAT_POLICIES)),
-            ("layer_loop", LAYER_LOOPS),
-            ("attention", ATTENTION_IMPLEMENTATIONS),
-        ):
-            value = getattr(self, name)
-            if value not in valid:
-                raise ValueError(
-                    f"Unknown model.{name} {value!r}; valid: {', '.join(valid)}. "
-                    f"Received: {value!r}"
-                )
-
-    @classmethod
-    def tiny(cls, vocab_size: int = 256, **overrides) -> ModelConfig:
-        """A 2-layer, 64-wide model that trains in about a minute on a laptop CPU."""
-        return cls(**{**_TINY, "vocab_size": vocab_size, **overrides})
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        """The published shape of `name` (see `PRESETS`), with `overrides` on single fields.
-
-        Raises:
-          ValueError: on an unknown preset name or an invalid field.
-        """
-        return cls(preset=name, **overrides)
-
-    @classmethod
-    def from_hf(cls, hf_config: dict[str, Any] | str | Any, **overrides) -> ModelConfig:
-        """The config of a Hugging Face Llama / Qwen2 `config.json`: a parsed dict, the file, or
-        the checkpoint directory holding it. `overrides` set single fields (e.g. dtype).
-
-        Raises:
-          ValueError: on an unreadable file, a missing key, an unsupported architecture or
-            option (see `hf_config.model_fields`), or an invalid value (each
-            naming the file).
-        """
-        fields, where = model_fields(hf_config)
-        try:
-            return cls(**{**fields, **overrides})
-        except (TypeError, ValueError) as e:  # a wrongly typed or invalid value: name the file
-            raise ValueError(f"{where}: {e}") from None
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(DTYPES[self.dtype])
-
-    @property
-    def storage_dtype(self) -> jnp.dtype:
-        return jnp.dtype(DTYPES[self.param_dtype])
-
-    @property
-    def value_support(self) -> np.ndarray:
-        """float32 [value_bins] bin centres of the "hl-gauss" head: linspace(min, max, bins)."""
-        return np.linspace(self.value_min, self.value_max, self.value_bins, dtype=np.float32)
-
-    @property
-    def value_sigma(self) -> float:
-        """Std of the HL-Gauss target: `value_sigma_ratio` times the distance between centres."""
-        return self.value_sigma_ratio * (self.value_max - self.value_min) / (self.value_bins - 1)
+# Re-exported: the config and segment helpers were first defined here.
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "DTYPES",
+    "LAYER_LOOPS",
+    "PRESETS",
+    "REMAT_POLICIES",
+    "ROPE_SCALINGS",
+    "UNROLL_MAX_LAYERS",
+    "VALUE_HEADS",
+    "VALUE_HEAD_INITS",
+    "Attention",
+    "Block",
+    "MLP",
+    "ModelConfig",
+    "RMSNorm",
+    "Transformer",
+    "make_param",
+    "partitioned",
+    "prepare_inputs",
+    "rope_frequencies",
+    "run_blocks",
+    "segment_ids_from",
+    "segment_layout",
+]
 
 
 def partitioned(init: nnx.Initializer, names: Sequence[str | None]) -> nnx.Initializer:
@@ -333,126 +98,6 @@ def make_param(
     if layers is not None:
         shape, names = (layers, *shape), ("layers", *names)
     return nnx.Param(partitioned(init, names)(rngs.params(), shape, dtype))
-
-
-# ----------------------------------------------------------------------------- segments
-
-
-def segment_ids_from(
-    tokens_shape: tuple[int, ...],
-    attention_mask: jax.typing.ArrayLike | None = None,
-    segment_ids: jax.typing.ArrayLike | None = None,
-) -> jax.Array | None:
-    """int32 [B, T] segment ids of a batch, or None when every token is one sequence.
-
-    A bool or float `attention_mask` means one segment (id 1) on its nonzero entries; an integer
-    one is taken as segment ids itself (a 0/1 mask is the one-segment case). `segment_ids`
-    (int, 0 = padding) describes packed rows; given both, positions where the mask is 0 become
-    padding.
-
-    Raises:
-      ValueError: on a shape other than `tokens_shape`, or non-integer `segment_ids`.
-    """
-    out = None
-    for name, x in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
-        if x is None:
-            continue
-        x = jnp.asarray(x)
-        if x.shape != tuple(tokens_shape):
-            raise ValueError(
-                f"Shape mismatch: tokens and {name} must have the same shape, got "
-                f"{tuple(tokens_shape)} and {x.shape}. Received: {x.shape}"
-            )
-        if name == "segment_ids" and not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"segment_ids must be an integer array. Received: {x.dtype}")
-        if jnp.issubdtype(x.dtype, jnp.integer):
-            ids = x.astype(jnp.int32)
-        else:
-            ids = (x != 0).astype(jnp.int32)
-        out = ids if out is None else jnp.where(out != 0, ids, 0)
-    return out
-
-
-def prepare_inputs(
-    tokens: jax.typing.ArrayLike,
-    attention_mask: jax.typing.ArrayLike | None = None,
-    segment_ids: jax.typing.ArrayLike | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Validated (int [B, T] tokens, int32 [B, T] segment ids or None) of a model call.
-
-    Raises:
-      ValueError: if `tokens` is not 2-D integer, or a mask / segment ids of another shape.
-    """
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(
-            f"tokens must be an integer [B, T] array. Received: {tokens.dtype}{tokens.shape}"
-        )
-    return tokens, segment_ids_from(tokens.shape, attention_mask, segment_ids)
-
-
-def segment_layout(
-    segment_ids_bt: jax.Array | None, shape: tuple[int, int]
-) -> tuple[jax.Array, jax.Array]:
-    """Where each token sits in its own sequence.
-
-    Args:
-      segment_ids_bt: int [B, T] (0 = padding), or None (each row one unpadded sequence).
-      shape: (B, T).
-
-    Returns:
-      (positions, previous), int32 [B, T]: the number of earlier tokens of the same segment, and
-      the index of the previous token of the same segment (-1 at each segment's first token).
-      On padding, positions are 0 and `previous` is the last real token before it (-1 if none).
-      Segments need not be contiguous (a padding hole inside a sequence is skipped, and an id
-      may come back after another one).
-
-    Padding masks and packed rows whose nonzero ids never decrease along the row (what a packer
-    writes: 1, 1, 2, 2, 2, 0, 0) take a linear path of cumulative sums; a batch with any other
-    order falls back to a stable sort of the ids (one `lax.cond` on the whole batch).
-    """
-    b, t = shape
-    idx_t = jnp.arange(t, dtype=jnp.int32)
-    if segment_ids_bt is None:
-        return jnp.broadcast_to(idx_t, shape), jnp.broadcast_to(idx_t - 1, shape)
-    seg_bt = segment_ids_bt
-    real_bt = seg_bt != 0
-    last_real_bt = jax.lax.cummax(jnp.where(real_bt, idx_t, -1), axis=1)
-    last_real_before_bt = jnp.pad(last_real_bt[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    prev_id_bt = jnp.where(
-        last_real_before_bt >= 0,
-        jnp.take_along_axis(seg_bt, jnp.maximum(last_real_before_bt, 0), axis=-1),
-        0,
-    )
-    # Nonzero ids never decrease along each row: every segment is one run of real tokens.
-    runs = jnp.all(~real_bt | (prev_id_bt <= seg_bt))
-
-    def by_runs():
-        first_bt = real_bt & (prev_id_bt != seg_bt)
-        count_bt = jnp.cumsum(real_bt, axis=1, dtype=jnp.int32)  # real tokens up to t
-        start_bt = jax.lax.cummax(jnp.where(first_bt, count_bt - 1, 0), axis=1)
-        return count_bt - 1 - start_bt, jnp.where(first_bt, -1, last_real_before_bt)
-
-    def by_sort():
-        order_bt = jnp.argsort(seg_bt, axis=-1, stable=True).astype(jnp.int32)
-        sorted_bt = jnp.take_along_axis(seg_bt, order_bt, axis=-1)
-        first_bt = jnp.concatenate(
-            [jnp.ones((b, 1), bool), sorted_bt[:, 1:] != sorted_bt[:, :-1]], axis=-1
-        )
-        start_bt = jax.lax.cummax(jnp.where(first_bt, idx_t, 0), axis=1)
-        prev_order_bt = jnp.pad(order_bt[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-        inverse_bt = jnp.argsort(order_bt, axis=-1).astype(jnp.int32)
-        positions_bt = jnp.take_along_axis(idx_t - start_bt, inverse_bt, axis=-1)
-        previous_bt = jnp.take_along_axis(
-            jnp.where(first_bt, -1, prev_order_bt), inverse_bt, axis=-1
-        )
-        return positions_bt, previous_bt
-
-    positions_bt, previous_bt = jax.lax.cond(runs, by_runs, by_sort)
-    return (
-        jnp.where(real_bt, positions_bt, 0),
-        jnp.where(real_bt, previous_bt, last_real_before_bt),
-    )
 
 
 # ----------------------------------------------------------------------------- layers
