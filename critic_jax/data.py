@@ -183,11 +183,12 @@ class _ParquetIterator(RolloutIterator):
 
     `MapDataset.range(N)` -> seeded `shuffle` (a new order each epoch) -> infinite `repeat` ->
     padded: `batch(batch_size)` of global row indices -> this process's slice -> gather the rows;
-    packed: each rollout without its padding -> `FirstFitPackIterDataset` into rows of `max_len`
-    tokens with segment ids -> `batch(batch_size)` -> this process's slice. Every process runs
-    the same (cheap, index-level) pipeline, so the processes' slices form one global batch.
-    Batches run across epoch boundaries, so none is short. The state is grain's own iterator
-    state (a small JSON dict) plus the row count, checked on restore.
+    packed: each rollout without its padding (one with no attended token is skipped) ->
+    `FirstFitPackIterDataset` into rows of `max_len` tokens with segment ids ->
+    `batch(batch_size)` -> this process's slice. Every process runs the same (cheap,
+    index-level) pipeline, so the processes' slices form one global batch. Batches run across
+    epoch boundaries, so none is short. The state is grain's own iterator state (a small JSON
+    dict) plus the row count, checked on restore.
     """
 
     def __init__(self, config: DataConfig, *, seed: int, rows: slice, vocab_size: int | None):
@@ -202,13 +203,21 @@ class _ParquetIterator(RolloutIterator):
         )
         self._arrays = {k: arrays[k] for k in _BATCH_KEYS if k in arrays}
         self._num_rows = arrays["tokens"].shape[0]
-        dataset = grain.MapDataset.range(self._num_rows)
+        # Packing skips the rollouts with no attended token: they hold nothing to pack, and grain
+        # would count each as a segment of no tokens (a row's ids 2, 4, ... instead of 1..k).
+        source = (
+            np.flatnonzero(self._arrays["attention_mask"].any(axis=1))
+            if config.packed
+            else np.arange(self._num_rows)
+        )
+        dataset = grain.MapDataset.range(len(source))
         if config.shuffle:
             dataset = dataset.shuffle(seed=_grain_seed(seed))
         dataset = dataset.repeat(None)
         if config.packed:
             width = arrays["tokens"].shape[1]
-            dataset = _packed(dataset.map(self._rollout), self._arrays, width, config.batch_size)
+            unpadded = dataset.map(lambda i: self._rollout(int(source[i])))
+            dataset = _packed(unpadded, self._arrays, width, config.batch_size)
         else:
             dataset = dataset.batch(config.batch_size).map(
                 lambda index: {k: v[index] for k, v in self._arrays.items()}

@@ -131,31 +131,6 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     )
 
 
-def gather_lookup_tables(params: Any, mesh: Mesh) -> Any:
-    """`params` with every vocabulary-indexed table (logical axis "vocab": the embedding)
-    constrained to be whole along its other axes, inside a jitted step.
-
-    FSDP stores the embedding's model axis split over `fsdp`. A lookup's gradient is a scatter-add,
-    and with the table split that way XLA's SPMD partitioner builds it by replicating every
-    micro-batch's [B, T, D] activation gradient on all devices. Gathering the table where it is
-    used (the all-gather FSDP does before a use anyway) makes the backward a local scatter into
-    the whole table followed by one reduction of that gradient across devices. Other parameters
-    are returned unchanged.
-    """
-
-    def one(variable):
-        names = variable.get_metadata().get("out_sharding") or ()
-        if "vocab" not in names:
-            return variable
-        with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
-            spec = nnx.get_partition_spec(variable).get_value()
-        whole = [axes if name == "vocab" else None for name, axes in zip(names, spec, strict=True)]
-        sharding = NamedSharding(mesh, PartitionSpec(*whole))
-        return variable.replace(jax.lax.with_sharding_constraint(variable.get_value(), sharding))
-
-    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
     """The `PartitionSpec` that `LOGICAL_AXIS_RULES` gives an array with these axis names."""
     rules = dict(LOGICAL_AXIS_RULES)

@@ -103,8 +103,8 @@ def make_apply_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh) -> ApplyFn:
     """`apply_fn` of a `Critic` or `ActorCritic` graph: `(params, batch) -> outputs`.
 
     Outputs: `values` [B, T]; `value_logits` [B, T, K] when the critic has an HL-Gauss head;
-    `lm_logits` [B, T, V] for an `ActorCritic`. The embedding is gathered where it is looked up
-    (`parallel.gather_lookup_tables`).
+    `lm_logits` [B, T, V] for an `ActorCritic`. The embedding is looked up on its own shards
+    (`critic_jax.models.embedding.lookup`): neither the table nor its gradient is gathered.
     """
 
     def apply_fn(params: Any, batch: Batch) -> dict[str, jax.Array]:
@@ -118,7 +118,6 @@ def make_apply_fn(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh) -> ApplyFn:
             return _apply(params, batch)
 
     def _apply(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        params = parallel.gather_lookup_tables(params, mesh)
         model = nnx.merge(graphdef, params)
         kwargs = {}
         if "segment_ids" in batch:

@@ -269,10 +269,13 @@ NOTES = [
     "all-gather of the f32 table f32[128256, 4096] (1.96 GiB), its gradient scattered into a "
     "whole-table zero buffer (1.96 GiB) and all-reduced whole (1.96 GiB; not reduce-scattered), "
     "plus a bf16 all-gather of the whole table (1.0 GiB), against 0.24 GiB for the chip's slice "
-    "(`parallel.gather_lookup_tables`). A vocabulary-split lookup (masked local gather + a sum "
-    "over the fsdp axis, or a one-hot matmul), whose gradient stays split, would free most of "
-    "that (several GiB a chip). The buffer report also holds whole-stack bf16 copies of the "
-    "split stacked MLP weights (3 x 448 MiB): the per-layer cast hoisted out of the layer scan.",
+    "(the lookup of that day gathered the table). The lookup now runs on the table's own shards "
+    "(`models.embedding.lookup`: token ids gathered, a masked local read, one all-to-all of the "
+    "rows), so neither the table nor its gradient is whole on a chip; rerun of this row "
+    "afterwards: peak 21.88 GiB, temp 11.39 (compile 68 s on a quiet machine): those buffers "
+    "were not live at the peak, which is the layers' backward. The buffer report also holds "
+    "whole-stack bf16 copies of the split stacked MLP weights (3 x 448 MiB): the per-layer "
+    "cast hoisted out of the layer scan.",
 ]
 
 

@@ -44,6 +44,7 @@ from critic_jax.models.config import (
     VALUE_HEADS,
     ModelConfig,
 )
+from critic_jax.models.embedding import lookup
 from critic_jax.models.segments import prepare_inputs, segment_ids_from, segment_layout
 
 # Re-exported: the config and segment helpers were first defined here.
@@ -368,7 +369,7 @@ class Transformer(nnx.Module):
             segment_ids_bt = jnp.ones(tokens_bt.shape, jnp.int32)
         angles_btk = pos_bt[..., None].astype(jnp.float32) * rope_frequencies(c)
         cos_btk, sin_btk = jnp.cos(angles_btk), jnp.sin(angles_btk)
-        h_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(c.compute_dtype)
+        h_btd = lookup(self.embed[...], tokens_bt, c.compute_dtype)
         unroll = c.layer_loop == "unroll" or (
             c.layer_loop == "auto" and c.remat == "none" and c.num_layers <= UNROLL_MAX_LAYERS
         )
