@@ -52,6 +52,7 @@ def _metrics(workdir) -> list[dict]:
     rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         r.pop("tokens_per_second")
+        r.pop("real_tokens_per_second")
     return rows
 
 
