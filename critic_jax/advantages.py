@@ -99,26 +99,61 @@ def _step_coefficient(kind, gl):
     return jnp.where(kind == _VALID, gl, jnp.where(kind == _TRANSPARENT, 1.0, 0.0))
 
 
+def _scan_plan(rows: int) -> tuple[int, int]:
+    """(block, unroll) of the reverse scan for `rows` rows; see `_carry_in_scan`."""
+    if rows >= 64:
+        return 8, 1
+    return 1, 4 if rows <= 8 else 1
+
+
 def _carry_in_scan(e_rts, gl_rs, kinds_rt):
     """h_t for every t and each (e', γλ) pair, by one reverse lax.scan over T.
 
-    The scan runs time-major over [R] vectors, as rlax does; measured on CPU
-    (experiments/results/bench_gae.md), packing the step kinds into one byte per position beat
-    passing c as a float32 array, complex64 packing of (e, c) and time blocks.
+    The layout was chosen by measurement on CPU (experiments/results/bench_gae.md), where the
+    transposes around the scan and the loop's per-step cost outweigh the recurrence itself:
+    - each step's coefficient c_t (γλ, 1 or 0 by the step kind) is computed before the scan, and
+      (e'_t, c_t) travel as the real and imaginary parts of one complex64 array: one transpose
+      feeds the scan, each step reads one row and runs one multiply-add per λ;
+    - time is split into blocks of 8 steps for wide batches (>= 64 rows), [T/8, R, 8], so the
+      transpose moves contiguous runs; narrow batches scan one step at a time, unrolled by 4 when
+      a step's vector fits one SIMD register (<= 8 rows).
     """
-    rows = kinds_rt.shape[0]
+    rows, length = kinds_rt.shape
+    block, unroll = _scan_plan(rows)
+    ec_rts = tuple(
+        jax.lax.complex(e, _step_coefficient(kinds_rt, gl[:, None]))
+        for e, gl in zip(e_rts, gl_rs, strict=True)
+    )
 
-    def step(h_rs, xs):
-        kind_r, e_rs = xs
-        h_rs = tuple(
-            e + _step_coefficient(kind_r, gl) * h
-            for e, gl, h in zip(e_rs, gl_rs, h_rs, strict=True)
-        )
-        return h_rs, h_rs
+    def fma(h_rs, ec_rs):
+        return tuple(jnp.real(ec) + jnp.imag(ec) * h for ec, h in zip(ec_rs, h_rs, strict=True))
 
     init = tuple(jnp.zeros((rows,), jnp.float32) for _ in e_rts)  # overwritten: c' = 0 at T-1
-    _, h_trs = jax.lax.scan(step, init, (kinds_rt.T, tuple(e.T for e in e_rts)), reverse=True)
-    return tuple(h.T for h in h_trs)
+    if block == 1:
+
+        def step(h_rs, ec_rs):
+            h_rs = fma(h_rs, ec_rs)
+            return h_rs, h_rs
+
+        _, h_trs = jax.lax.scan(
+            step, init, tuple(ec.T for ec in ec_rts), reverse=True, unroll=unroll
+        )
+        return tuple(h.T for h in h_trs)
+
+    pad = -length % block
+    if pad:  # identity steps (e', c) = (0, 1) past the end; their outputs are dropped
+        ec_rts = tuple(jnp.pad(ec, ((0, 0), (0, pad)), constant_values=1j) for ec in ec_rts)
+    ec_nrks = tuple(ec.reshape(rows, -1, block).transpose(1, 0, 2) for ec in ec_rts)
+
+    def block_step(h_rs, ec_rks):
+        out = [None] * block
+        for j in reversed(range(block)):
+            h_rs = fma(h_rs, tuple(ec[:, j] for ec in ec_rks))
+            out[j] = h_rs
+        return h_rs, tuple(jnp.stack([o[i] for o in out], axis=1) for i in range(len(h_rs)))
+
+    _, h_nrks = jax.lax.scan(block_step, init, ec_nrks, reverse=True, unroll=unroll)
+    return tuple(h.transpose(1, 0, 2).reshape(rows, -1)[:, :length] for h in h_nrks)
 
 
 def _carry_in_segmented_scan(e_rts, gl_rs, kinds_rt, ids_rt, ends):
