@@ -203,6 +203,7 @@ class _ParquetIterator(RolloutIterator):
         )
         self._arrays = {k: arrays[k] for k in _BATCH_KEYS if k in arrays}
         self._num_rows = arrays["tokens"].shape[0]
+        self._packed = config.packed
         # Packing skips the rollouts with no attended token: they hold nothing to pack, and grain
         # would count each as a segment of no tokens (a row's ids 2, 4, ... instead of 1..k).
         source = (
@@ -238,7 +239,12 @@ class _ParquetIterator(RolloutIterator):
         return next(self._iterator)
 
     def get_state(self) -> dict[str, Any]:
-        return {"source": "parquet", "rows": self._num_rows, "grain": self._iterator.get_state()}
+        return {
+            "source": "parquet",
+            "rows": self._num_rows,
+            "packed": self._packed,
+            "grain": self._iterator.get_state(),
+        }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if state.get("source") != "parquet" or "grain" not in state:
@@ -248,7 +254,20 @@ class _ParquetIterator(RolloutIterator):
                 f"The iterator state was saved over {state.get('rows')} rollout rows, but the "
                 f"data now has {self._num_rows}. Received: {dict(state)}"
             )
-        self._iterator.set_state(dict(state["grain"]))
+        # The packed and the padded pipelines keep different grain states.
+        on_off = {True: "on", False: "off"}
+        if state.get("packed", self._packed) != self._packed:
+            raise ValueError(
+                f"The iterator state was saved with packing {on_off[not self._packed]}, but "
+                f"packing is now {on_off[self._packed]}. Received: {dict(state)}"
+            )
+        try:
+            self._iterator.set_state(dict(state["grain"]))
+        except (KeyError, TypeError) as e:  # a state of the other pipeline, saved without "packed"
+            raise ValueError(
+                f"The iterator state does not fit this pipeline (packing {on_off[self._packed]}): "
+                f"grain cannot restore it ({e!r}). Received: {dict(state)}"
+            ) from e
 
 
 def _packed(rollouts: grain.MapDataset, arrays, width: int, batch_size: int) -> grain.IterDataset:

@@ -91,6 +91,16 @@ class Hooks:
     eval_at_start: bool = False
 
 
+def _all_processes(count: int) -> int:
+    """The sum of a host-side count over all processes (packed rows of different processes hold
+    different numbers of attended tokens); one small collective, at logging time only."""
+    if jax.process_count() == 1:
+        return count
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+
+
 def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -150,7 +160,7 @@ class _Loop:
         self.on_iteration = hooks.on_iteration or (lambda i, m, s: None)
         self.eval_every = config.log.eval_every if hooks.eval_every is None else hooks.eval_every
         self.evaluation = held_out(config, trainer.mesh)
-        self.fetched_real_tokens = 0  # attended tokens of the last batch fetched, all processes
+        self.fetched_real_tokens = 0  # attended tokens of the last batch fetched, this process
 
     def evaluate(self, params) -> dict[str, float]:
         if not self.evaluation:
@@ -163,9 +173,7 @@ class _Loop:
         if self.hooks.transform_batch is not None:
             raw = self.hooks.transform_batch(dict(raw))
         local = host_batch(raw, self.trainer.batch_keys, vocab_size=self.config.model.vocab_size)
-        # Every process holds the same number of rows, so its count times the processes.
-        real = np.count_nonzero(local["attention_mask"])
-        self.fetched_real_tokens = int(real) * jax.process_count()
+        self.fetched_real_tokens = int(np.count_nonzero(local["attention_mask"]))
         return parallel.make_global_batch(local, self.trainer.mesh)
 
     def restore(self, state: TrainState) -> tuple[TrainState, int]:
@@ -274,7 +282,7 @@ class _Loop:
                     host.update(self.evaluate(state.params))
                 elapsed = time.perf_counter() - t_start
                 host["tokens_per_second"] = (done - start) * tokens_per_batch / max(elapsed, 1e-9)
-                host["real_tokens_per_second"] = real_done / max(elapsed, 1e-9)
+                host["real_tokens_per_second"] = _all_processes(real_done) / max(elapsed, 1e-9)
                 writer.write(done, host)
                 last = host
                 _check_learning(state, done - start, config)
@@ -309,7 +317,7 @@ class _Loop:
             "explained_variance": last.get("explained_variance"),
             "skipped_updates": int(jax.device_get(update_lib.skipped_updates(state.opt_state))),
             "tokens_per_second": (done - start) * tokens_per_batch / max(elapsed, 1e-9),
-            "real_tokens_per_second": real_done / max(elapsed, 1e-9),
+            "real_tokens_per_second": _all_processes(real_done) / max(elapsed, 1e-9),
             "compile_seconds": self.compile_seconds,
             "train_seconds": elapsed,
             "devices": mesh.size,

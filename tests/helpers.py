@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from critic_jax import parallel
 from critic_jax.checkpoint import CheckpointConfig
 from critic_jax.config import LogConfig, PPOConfig, TrainConfig
@@ -34,6 +36,32 @@ def tiny_config(
         log=LogConfig(every=1, eval_rows=64, tensorboard=False),
     )
     return dataclasses.replace(base, **overrides)
+
+
+def random_rollouts(seed: int, rows: int, width: int, *, vocab: int = VOCAB) -> dict:
+    """A `write_rollouts` batch of `rows` rollouts of mixed lengths, [rows, width] arrays.
+
+    Row i: 0-2 tokens of left padding (a left-padded prompt), then 1 to `width` - padding real
+    tokens (row 0 fills the width), then right padding. Actions are a random subset of the real
+    tokens, the last one always; `rewards` and `old_values` are random everywhere, so off the
+    mask they hold values that `read_rollouts` must zero.
+    """
+    rng = np.random.default_rng(seed)
+    left = rng.integers(0, 3, rows)
+    left[0] = 0
+    length = rng.integers(1, width - left + 1)
+    length[0] = width
+    col = np.arange(width)
+    attention = (col >= left[:, None]) & (col < (left + length)[:, None])
+    mask = attention & (rng.random((rows, width)) < 0.6)
+    mask[np.arange(rows), left + length - 1] = True
+    return {
+        "tokens": np.where(attention, rng.integers(1, vocab, (rows, width)), 0).astype(np.int32),
+        "attention_mask": attention.astype(np.int32),
+        "mask": mask.astype(np.float32),
+        "rewards": rng.normal(size=(rows, width)).astype(np.float32),
+        "old_values": rng.normal(size=(rows, width)).astype(np.float32),
+    }
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from critic_jax import parallel
+from critic_jax import data as data_lib
+from critic_jax import parallel, rollouts
 from critic_jax import train as train_lib
 from critic_jax.checkpoint import (
     CheckpointConfig,
@@ -56,12 +57,11 @@ def _metrics(workdir) -> list[dict]:
     return rows
 
 
-def test_preempted_run_resumes_bit_for_bit(tmp_path):
-    straight = _config(tmp_path / "straight")
+def _straight_and_preempted(straight: TrainConfig, resumed: TrainConfig):
+    """Trains `straight` for its 6 steps, and `resumed` preempted (SIGTERM) after iteration 3
+    and then resumed; asserts both end bit for bit alike. Returns their summaries."""
     summary = train_lib.train(straight)
     assert summary["steps"] == 6
-
-    resumed = _config(tmp_path / "resumed")
 
     def preempt_at_3(iteration, metrics):
         if iteration == 3:
@@ -80,7 +80,43 @@ def test_preempted_run_resumes_bit_for_bit(tmp_path):
     chex.assert_trees_all_equal(state_a, state_b)  # exact, not a tolerance
     assert _metrics(straight.workdir) == _metrics(resumed.workdir)
     assert second["final_loss"] == summary["final_loss"]
+    return summary, second
+
+
+def test_preempted_run_resumes_bit_for_bit(tmp_path):
+    summary, second = _straight_and_preempted(
+        _config(tmp_path / "straight"), _config(tmp_path / "resumed")
+    )
     assert second["relative_value_error"] == summary["relative_value_error"]
+
+
+@pytest.mark.slow  # 20-40 s: three short runs
+def test_preempted_packed_parquet_run_resumes_bit_for_bit(tmp_path):
+    """The same on packed Parquet rollouts (over three epochs in 6 iterations, so the resume
+    lands mid-epoch), and the summary counts attended tokens apart from row slots."""
+    path = tmp_path / "rollouts.parquet"
+    rollouts.write_rollouts(path, helpers.random_rollouts(0, 96, 24), strip_padding=True)
+
+    def config(name):
+        cfg = _config(tmp_path / name)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path)))
+
+    straight = config("straight")
+    assert straight.data.packed and "segment_ids" in train_lib.batch_keys(straight)
+    summary, second = _straight_and_preempted(straight, config("resumed"))
+
+    # The batches trained on, read again: their attended tokens over their row slots, for the
+    # straight run and for the resumed run's last 3 iterations.
+    it = data_lib.make_rollout_iterator(straight.data, seed=straight.seed, gamma=straight.ppo.gamma)
+    batches = [next(it) for _ in range(6)]
+    assert sum(b["segment_ids"].max(axis=1).sum() for b in batches) > 3 * 96  # > 3 epochs
+    for run, first in ((summary, 0), (second, 3)):
+        real = sum(np.count_nonzero(b["attention_mask"]) for b in batches[first:])
+        slots = sum(b["tokens"].size for b in batches[first:])
+        assert 0 < real < slots  # packed rows still carry padding
+        assert run["real_tokens_per_second"] < run["tokens_per_second"]
+        ratio = run["real_tokens_per_second"] / run["tokens_per_second"]
+        np.testing.assert_allclose(ratio, real / slots, rtol=1e-9)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):

@@ -1,8 +1,10 @@
 """Tests of critic_jax.data: the data config and the checkpointable rollout iterators."""
 
+import collections
 import dataclasses
 import json
 
+import helpers
 import numpy as np
 import pytest
 
@@ -146,3 +148,184 @@ def test_parquet_iterator_epochs_resume_and_shard(rollout_files):
     fewer = data.DataConfig(path=str(folder / "part-0.parquet"), batch_size=16)
     with pytest.raises(ValueError, match="48 rollout rows"):
         data.make_rollout_iterator(fewer, seed=4, gamma=1.0).set_state(state)
+
+
+# ------------------------------------------------------------------------------------------
+# Packed Parquet rollouts: grain's first-fit packing into rows with segment ids.
+
+PACKED_WIDTH = 20  # the longest rollout of `packed_files`
+PACKED_KEYS = ["attention_mask", "mask", "old_values", "rewards", "segment_ids", "tokens"]
+ROLLOUT_KEYS = ("tokens", "mask", "rewards", "old_values")  # what a packed segment carries
+
+
+def _unpadded(batch) -> list[dict[str, np.ndarray]]:
+    """The rollouts of a written [N, T] batch as packing must keep them, in row order: each row's
+    attended tokens, with mask, rewards and old_values (zeroed off the mask, as `read_rollouts`
+    does); a row with no attended token is no rollout."""
+    out = []
+    for i in range(batch["tokens"].shape[0]):
+        keep = batch["attention_mask"][i] != 0
+        action = batch["mask"][i] != 0
+        if keep.any():
+            row = {k: batch[k][i] for k in ("tokens", "mask")}
+            row.update({k: np.where(action, batch[k][i], 0) for k in ("rewards", "old_values")})
+            out.append({k: v[keep] for k, v in row.items()})
+    return out
+
+
+def _key(rollout) -> tuple[bytes, ...]:
+    """A rollout's exact contents, hashable."""
+    dtypes = {"tokens": np.int32}
+    return tuple(np.asarray(rollout[k], dtypes.get(k, np.float32)).tobytes() for k in ROLLOUT_KEYS)
+
+
+@pytest.fixture
+def packed_files(tmp_path):
+    """Two files of random rollouts of mixed lengths (1..20 attended tokens, some left-padded):
+    part-0 stores each row without its trailing padding, part-1 at the full width with two rows
+    that attend to nothing. Returns (glob, the 38 rollouts packing must keep)."""
+    a = helpers.random_rollouts(1, 28, PACKED_WIDTH)
+    b = helpers.random_rollouts(2, 12, PACKED_WIDTH)
+    for k in ("tokens", "attention_mask", "mask"):
+        b[k][[3, 7]] = 0
+    rollouts.write_rollouts(tmp_path / "part-0.parquet", a, strip_padding=True)
+    rollouts.write_rollouts(tmp_path / "part-1.parquet", b)
+    want = _unpadded({k: np.concatenate([a[k], b[k]]) for k in a})
+    assert len(want) == 38 and len({_key(r) for r in want}) == 38  # distinct rollouts
+    return str(tmp_path / "*.parquet"), want
+
+
+def _check_packed_rows(batch, shape):
+    """The invariants of a packed batch: arrays of `shape`; per row, segment ids 1..k in
+    ascending contiguous runs from the start, then 0 exactly where attention_mask is 0, and
+    every token column 0 there."""
+    assert sorted(batch) == PACKED_KEYS
+    for k, v in batch.items():
+        want = np.int32 if k in ("tokens", "attention_mask", "segment_ids") else np.float32
+        assert v.shape == shape and v.dtype == want, (k, v.shape, v.dtype)
+    ids = batch["segment_ids"]
+    np.testing.assert_array_equal(batch["attention_mask"], (ids != 0).astype(np.int32))
+    for row in ids:
+        n = np.count_nonzero(row)
+        assert n > 0 and not row[n:].any(), row  # tokens first, padding after
+        steps = np.diff(np.concatenate([[0], row[:n]]))
+        assert np.isin(steps, [0, 1]).all() and steps[0] == 1, row  # runs of 1, 2, ..., k
+    for k in ("tokens", "mask", "rewards", "old_values"):
+        assert not batch[k][ids == 0].any(), k
+
+
+def _segments(batches) -> list[dict[str, np.ndarray]]:
+    """Every packed segment of `batches`, as a rollout (its positions' ROLLOUT_KEYS)."""
+    out = []
+    for batch in batches:
+        for r, row in enumerate(batch["segment_ids"]):
+            for s in range(1, row.max() + 1):
+                at = row == s
+                out.append({k: batch[k][r][at] for k in ROLLOUT_KEYS})
+    return out
+
+
+def _assert_epochs(seen, want, *, ordered):
+    """`seen` is a prefix of the stream of `want` repeated epoch after epoch: of its
+    L = k * len(want) + r rollouts, each of `want` is there k times and r distinct ones once more
+    (with `ordered`, the first r); nothing else, and nothing altered."""
+    keys = [_key(x) for x in want]
+    counts = collections.Counter(_key(x) for x in seen)
+    assert set(counts) <= set(keys), "a packed segment is no rollout of the files"
+    k, r = divmod(len(seen), len(keys))
+    got = [counts[x] for x in keys]
+    if ordered:
+        assert got == [k + (i < r) for i in range(len(keys))]
+    else:
+        assert sorted(got) == [k] * (len(keys) - r) + [k + 1] * r
+
+
+def test_packed_rows_hold_every_rollout_once_per_epoch(packed_files):
+    path, want = packed_files
+    first = {}
+    for shuffle in (False, True):
+        config = data.DataConfig(path=path, batch_size=4, max_len=24, shuffle=shuffle)
+        assert config.packed  # the default for Parquet rollouts
+        batches = _take(data.make_rollout_iterator(config, seed=5, gamma=1.0), 14)
+        for batch in batches:
+            _check_packed_rows(batch, (4, 24))
+        seen = _segments(batches)
+        assert len(seen) > 2 * len(want)  # more than two epochs
+        _assert_epochs(seen, want, ordered=not shuffle)
+        first[shuffle] = batches[0]["tokens"]
+        # Packing pays: fewer rows than one rollout a row would need.
+        assert 14 * 4 < len(seen)
+    assert not np.array_equal(first[False], first[True])
+
+
+def test_packed_iterator_resumes_exactly_across_epochs(packed_files):
+    path, want = packed_files
+    config = data.DataConfig(path=path, batch_size=4)  # max_len None: the longest rollout
+    it = data.make_rollout_iterator(config, seed=2, gamma=1.0)
+    states, batches = [], []
+    for _ in range(12):
+        states.append(json.loads(json.dumps(it.get_state())))  # a checkpoint stores it as JSON
+        batches.append(next(it))
+    assert batches[0]["tokens"].shape == (4, PACKED_WIDTH)
+    # The batch that holds the end of the first epoch and the start of the second.
+    done = np.cumsum([len(_segments([b])) for b in batches])
+    across = int(np.flatnonzero(done > len(want))[0])
+    assert 1 < across < 10
+    for start in (1, across, across + 1):
+        resumed = data.make_rollout_iterator(config, seed=2, gamma=1.0)
+        resumed.set_state(states[start])
+        _assert_batches_equal(_take(resumed, 12 - start), batches[start:])
+    it.set_state(states[2])  # back, on the iterator that went past it
+    _assert_batches_equal(_take(it, 3), batches[2:5])
+
+    padded = data.make_rollout_iterator(
+        dataclasses.replace(config, packing=False), seed=2, gamma=1.0
+    )
+    with pytest.raises(ValueError, match="packing on, but packing is now off"):
+        padded.set_state(states[3])
+    with pytest.raises(ValueError, match="packing off, but packing is now on"):
+        it.set_state(padded.get_state())
+    old_format = {k: v for k, v in padded.get_state().items() if k != "packed"}
+    with pytest.raises(ValueError, match="does not fit this pipeline"):
+        it.set_state(old_format)
+
+
+def test_packed_batches_split_across_processes(packed_files):
+    path, want = packed_files
+    config = data.DataConfig(path=path, batch_size=4)
+    whole = _take(data.make_rollout_iterator(config, seed=7, gamma=1.0), 12)
+    halves = [
+        _take(
+            data.make_rollout_iterator(config, seed=7, gamma=1.0, process_index=i, process_count=2),
+            12,
+        )
+        for i in range(2)
+    ]
+    for step in range(12):
+        for h in halves:
+            _check_packed_rows(h[step], (2, PACKED_WIDTH))
+        joined = {k: np.concatenate([h[step][k] for h in halves]) for k in whole[step]}
+        _assert_batches_equal([joined], [whole[step]])
+    # Together the processes read each rollout once per epoch, and nothing twice.
+    together = _segments(halves[0]) + _segments(halves[1])
+    assert len(together) > 2 * len(want)
+    _assert_epochs(together, want, ordered=False)
+
+
+def test_packed_rollout_longer_than_the_row_is_an_error(tmp_path):
+    batch = {k: v[::-1] for k, v in helpers.random_rollouts(3, 10, PACKED_WIDTH).items()}
+    path = tmp_path / "long.parquet"
+    rollouts.write_rollouts(path, batch, strip_padding=True)
+    # Stored without its trailing padding, a row runs to its last attended token.
+    stored = [int(np.flatnonzero(row)[-1]) + 1 for row in batch["attention_mask"]]
+    longest = max(stored)
+    config = data.DataConfig(path=str(path), batch_size=4, max_len=longest - 1)
+    assert config.packed
+    with pytest.raises(
+        ValueError,
+        match=rf"long\.parquet: row {stored.index(longest)}, .*: {longest} tokens do not fit "
+        rf"max_len={longest - 1}",
+    ):
+        data.make_rollout_iterator(config, seed=0, gamma=1.0)
+    exact = dataclasses.replace(config, max_len=longest)
+    _check_packed_rows(next(data.make_rollout_iterator(exact, seed=0, gamma=1.0)), (4, longest))
