@@ -217,6 +217,7 @@ def _train(args: list[str]) -> int:
         "advantage_sign_agreement",
         "advantage_rank_correlation",
         "tokens_per_second",
+        "real_tokens_per_second",
         "compile_seconds",
     ):
         if summary.get(key) is not None:
