@@ -158,16 +158,19 @@ def test_fsdp_update_moves_parameters_not_activations():
     in every layer); the table keeps its stored layout."""
     shape = dict(data=2, fsdp=4)
     mesh = parallel.make_mesh(parallel.MeshConfig(**shape))
-    cfg = dataclasses.replace(_config(), mesh=parallel.MeshConfig(**shape))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=3))
-    _, setup, state = _trainer(cfg, mesh)
-    embed = state.params["backbone"]["embed"]
-    assert embed.sharding.spec == PartitionSpec("tensor", "fsdp")
-    hlo = setup.update.lower(state, parallel.make_global_batch(_batch(0), mesh)).compile()
     rows = ROWS // (shape["data"] * shape["fsdp"])
-    d_slice = cfg.model.d_model // shape["fsdp"]
-    pieces = re.findall(r"(f32\[[0-9,]*\])\S* all-to-all\(", hlo.as_text())
-    assert pieces == [f"f32[{rows},{LENGTH},{d_slice}]"] * 3, pieces
+    # A vocabulary larger than the 8 x 12 tokens of an fsdp group is looked up on its shards; the
+    # toy one (32) is gathered whole, which moves fewer bytes: then no float all-to-all at all.
+    for vocab, lookups in ((128, 3), (VOCAB, 0)):
+        cfg = dataclasses.replace(_config(), mesh=parallel.MeshConfig(**shape))
+        model = dataclasses.replace(cfg.model, num_layers=3, vocab_size=vocab)
+        _, setup, state = _trainer(dataclasses.replace(cfg, model=model), mesh)
+        embed = state.params["backbone"]["embed"]
+        assert embed.sharding.spec == PartitionSpec("tensor", "fsdp")
+        hlo = setup.update.lower(state, parallel.make_global_batch(_batch(0), mesh)).compile()
+        d_slice = cfg.model.d_model // shape["fsdp"]
+        pieces = re.findall(r"(f32\[[0-9,]*\])\S* all-to-all\(", hlo.as_text())
+        assert pieces == [f"f32[{rows},{LENGTH},{d_slice}]"] * lookups, (vocab, pieces)
 
 
 def test_nonfinite_batch_skips_the_update_and_training_goes_on():

@@ -14,9 +14,11 @@ chip. `lookup` instead runs in a `shard_map` on each device's own slice:
    device's own rows with the whole model axis.
 
 The gradient follows the same path backwards and is scattered into the device's own slice of
-the table, so neither the table nor its gradient is ever whole on a device. Without a
-multi-device mesh and rules in scope, or when an axis does not divide its dimension, it is a
-plain `jnp.take` (under a mesh, of the table gathered whole along its model axis).
+the table, so neither the table nor its gradient is ever whole on a device. A table with no
+more rows than the tokens a device gathers (a toy vocabulary), no multi-device mesh and rules
+in scope, or an axis that does not divide its dimension take a plain `jnp.take` instead (under
+a mesh, of the table gathered whole along its model axis: for a small table that moves fewer
+bytes than the rows).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def lookup(table_vd: jax.Array, tokens_bt: jax.Array, dtype: jnp.dtype) -> jax.A
     batch = _mesh_axes(mesh, rules.get("batch"))
     size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
     (v, d), b = table_vd.shape, tokens_bt.shape[0]
+    group_tokens = b // size(batch) * size(model) * tokens_bt.shape[1]
     fits = (
-        set(model) <= set(batch)  # the model-axis split is traded for rows
+        v > group_tokens  # else gathering the (small) table moves fewer bytes than the rows
+        and set(model) <= set(batch)  # the model-axis split is traded for rows
         and not set(vocab) & (set(batch) | set(model))
         and v % size(vocab) == 0
         and d % size(model) == 0
