@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from critic_jax import data as data_lib
 from critic_jax import parallel
@@ -91,14 +92,15 @@ class Hooks:
     eval_at_start: bool = False
 
 
-def _all_processes(count: int) -> int:
-    """The sum of a host-side count over all processes (packed rows of different processes hold
-    different numbers of attended tokens); one small collective, at logging time only."""
-    if jax.process_count() == 1:
-        return count
-    from jax.experimental import multihost_utils
-
-    return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+def _rates(slots: int, real_local: int, elapsed: float) -> dict[str, float]:
+    """Row slots and attended tokens per second. The attended count is this process's; packed
+    rows of different processes hold different numbers, so it is summed over the processes
+    (one small collective, at logging time only)."""
+    real = real_local
+    if jax.process_count() > 1:
+        real = int(np.sum(multihost_utils.process_allgather(np.asarray(real_local, np.int64))))
+    seconds = max(elapsed, 1e-9)
+    return {"tokens_per_second": slots / seconds, "real_tokens_per_second": real / seconds}
 
 
 def _host(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -281,8 +283,7 @@ class _Loop:
                 if evaluating:
                     host.update(self.evaluate(state.params))
                 elapsed = time.perf_counter() - t_start
-                host["tokens_per_second"] = (done - start) * tokens_per_batch / max(elapsed, 1e-9)
-                host["real_tokens_per_second"] = _all_processes(real_done) / max(elapsed, 1e-9)
+                host.update(_rates((done - start) * tokens_per_batch, real_done, elapsed))
                 writer.write(done, host)
                 last = host
                 _check_learning(state, done - start, config)
@@ -316,8 +317,7 @@ class _Loop:
             "final_loss": last.get("loss"),
             "explained_variance": last.get("explained_variance"),
             "skipped_updates": int(jax.device_get(update_lib.skipped_updates(state.opt_state))),
-            "tokens_per_second": (done - start) * tokens_per_batch / max(elapsed, 1e-9),
-            "real_tokens_per_second": _all_processes(real_done) / max(elapsed, 1e-9),
+            **_rates((done - start) * tokens_per_batch, real_done, elapsed),
             "compile_seconds": self.compile_seconds,
             "train_seconds": elapsed,
             "devices": mesh.size,
