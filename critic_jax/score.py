@@ -84,7 +84,11 @@ def score(
     apply_fn = update_lib.make_apply_fn(graphdef, mesh)
     ppo = config.ppo
 
-    @functools.partial(jax.jit, out_shardings=parallel.batch_sharding(mesh, 2))
+    @functools.partial(
+        jax.jit,
+        out_shardings=parallel.batch_sharding(mesh, 2),
+        compiler_options=parallel.compiler_options(mesh),
+    )
     def values_of(params, batch):
         return apply_fn(params, batch)["values"]
 

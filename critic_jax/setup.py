@@ -292,6 +292,7 @@ def make_trainer(
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
+        compiler_options=parallel.compiler_options(mesh),
     )
     evaluate = jax.jit(
         functools.partial(update_lib.evaluate, apply_fn=apply_fn, ppo=config.ppo),
@@ -300,6 +301,7 @@ def make_trainer(
             {k: parallel.batch_sharding(mesh, 2) for k in update_lib.EVAL_KEYS},
         ),
         out_shardings=rep,
+        compiler_options=parallel.compiler_options(mesh),
     )
     return Trainer(config, mesh, graphdef, keys, update, evaluate)
 

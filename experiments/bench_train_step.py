@@ -12,9 +12,10 @@ PyTorch side is transformers' `LlamaModel` (SDPA attention) + `Linear(hidden, 1)
 micro-batches is timed too, so both frameworks get the same trick. Also measured: each
 framework's float32 matmul peak on this machine (a 2048 x 2048 matmul), the model's training
 FLOPs per token, the fraction of the peak each step reaches, and the compile time of the first
-JAX update. A last row, the matmul floor, runs only the update's matrix products (the same
-shapes, micro-batches and backward, with no norm, softmax, rope, loss or optimizer): the time no
-implementation of this step can beat on this machine. The implementations are timed in
+JAX update. Every JAX function is jitted with the compiler options the trainer uses
+(`critic_jax.parallel.compiler_options`). A last row, the matmul floor, runs only the update's
+matrix products (the same shapes, micro-batches and backward, with no norm, softmax, rope, loss
+or optimizer): the time no implementation of this step can beat on this machine. The implementations are timed in
 alternating rounds, so a change in the machine's load hits all of them alike.
 
     python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 5]
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -70,9 +72,14 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 3 * 2 * cfg.num_layers * (proj + mlp + attn)
 
 
+def compiler_options() -> dict[str, str]:
+    """The compiler options the trainer jits its update with on one device of this machine."""
+    return parallel.compiler_options(parallel.make_mesh(None, jax.devices()[:1]))
+
+
 def jax_matmul(n: int = 2048) -> Callable[[], None]:
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: x @ x, compiler_options=compiler_options())
     return lambda: f(a).block_until_ready()
 
 
@@ -163,7 +170,7 @@ def jax_matmul_floor(cfg: ModelConfig, batch: int, seq: int, micro: int) -> Call
             x_btd = layer(p, x_btd)
         return jnp.sum(x_btd)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def step(params, x_mbtd):
         def accumulate(acc, x_btd):
             return jax.tree.map(jnp.add, acc, jax.grad(loss)(params, x_btd)), None

@@ -266,3 +266,33 @@ def test_packed_rows_give_the_unpacked_update(reduction, shape):
     for key in ("loss", "grad_norm", "explained_variance", "returns_mean", "valid_tokens"):
         np.testing.assert_allclose(m_pack[key], m_pad[key], rtol=1e-5, atol=1e-7, err_msg=key)
     chex.assert_trees_all_close(p_pack, p_pad, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_compiler_options_are_scoped_checked_and_exact(monkeypatch):
+    """The update's CPU compiler options: taken where this jaxlib knows them (else none), passed
+    per jit (a plain jit keeps XLA's defaults), and the update's numbers equal without them."""
+    mesh = _one_device_mesh()
+    opts = parallel.compiler_options(mesh)
+    assert opts in ({}, parallel.CPU_COMPILER_OPTIONS)
+    cfg = _config(micro_batches=2, minibatch_size=8)
+    batch = _batch(4)
+    with_opts, _, _ = _run(cfg, mesh, [batch])
+    monkeypatch.setattr(parallel, "compiler_options", lambda mesh: {})
+    without, _, _ = _run(cfg, mesh, [batch])
+    chex.assert_trees_all_close(
+        jax.device_get(with_opts.params), jax.device_get(without.params), rtol=1e-5, atol=1e-6
+    )
+    # An option this jaxlib refuses turns into no options, not a failed compile.
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        parallel,
+        "CPU_COMPILER_OPTIONS",
+        {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"},
+    )
+    parallel._cpu_options_accepted.cache_clear()
+    try:
+        assert parallel.compiler_options(mesh) == {}
+    finally:
+        monkeypatch.undo()
+        parallel._cpu_options_accepted.cache_clear()
+    assert parallel.compiler_options(mesh) == opts
