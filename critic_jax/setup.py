@@ -287,7 +287,12 @@ def make_trainer(
     tx = update_lib.make_optimizer(config.optim, config.steps * config.updates_per_step)
     update = jax.jit(
         update_lib.make_update(
-            apply_fn, tx, config.ppo, mesh=mesh, loss_fn=loss_fn or default_loss_fn(config)
+            apply_fn,
+            tx,
+            config.ppo,
+            mesh=mesh,
+            loss_fn=loss_fn or default_loss_fn(config),
+            layers=config.model.num_layers if config.model.unrolled else 0,
         ),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, rep),

@@ -216,6 +216,36 @@ def gae_targets(batch: Batch, values: jax.Array, ppo: PPOConfig) -> tuple[jax.Ar
     return advantages, returns
 
 
+def unstack_layers(params: Any, layers: int) -> tuple[Any, Callable[[Any], Any]]:
+    """(params with each leaf under a `layers` key split into its `layers` slices along the
+    leading axis, the function that stacks such a tree back). `layers <= 1`: unchanged.
+
+    The micro-batch loop of `accumulate_gradients` differentiates with respect to the slices and
+    stacks them inside the loss, where the compiler folds the stack into the model's per-layer
+    reads: each layer's weights are sliced once per minibatch rather than once per micro-batch,
+    and each micro-batch's gradient is accumulated per layer, not re-stacked (written-out layer
+    loops only: a scanned loop reads the stack itself).
+    """
+    if layers <= 1:
+        return params, lambda tree: tree
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+
+    def stacked(path, x) -> bool:
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return "layers" in keys and x.ndim > 0 and x.shape[0] == layers
+
+    marks = [stacked(path, x) for path, x in flat]
+    leaves = [tuple(x) if m else x for (_, x), m in zip(flat, marks, strict=True)]
+
+    def restack(tree: Any) -> Any:
+        parts = treedef.flatten_up_to(tree)
+        return jax.tree_util.tree_unflatten(
+            treedef, [jnp.stack(p) if m else p for p, m in zip(parts, marks, strict=True)]
+        )
+
+    return jax.tree_util.tree_unflatten(treedef, leaves), restack
+
+
 def minibatch_loss(
     params: Any, mb: Batch, scale: jax.Array, *, apply_fn: ApplyFn, loss_fn: LossFn
 ) -> tuple[jax.Array, jax.Array]:
@@ -232,11 +262,14 @@ def accumulate_gradients(
     loss_fn: LossFn,
     ppo: PPOConfig,
     mesh: jax.sharding.Mesh,
+    layers: int = 0,
 ) -> tuple[Any, jax.Array, jax.Array]:
     """Gradient of the minibatch loss, summed over `ppo.micro_batches` micro-batches.
 
     Each micro-batch's loss is scaled by `reduction_denominator(micro) / ...(minibatch)`, so the
-    sum is the loss reduced over the whole minibatch, whatever the split.
+    sum is the loss reduced over the whole minibatch, whatever the split. `layers`: the depth
+    of a written-out layer stack whose slices are taken once for all micro-batches
+    (`unstack_layers`; 0: none).
 
     Returns:
       (grads, loss, values [b, T] of the minibatch).
@@ -244,20 +277,23 @@ def accumulate_gradients(
     seg = mb.get("segment_ids")
     total = reduction_denominator(mb["mask"], ppo.reduction, segment_ids=seg)
     micro = jax.tree.map(lambda x: _split_rows(x, ppo.micro_batches, mesh), mb)
-    grad_fn = jax.value_and_grad(
-        functools.partial(minibatch_loss, apply_fn=apply_fn, loss_fn=loss_fn), has_aux=True
-    )
+    pieces, restack = unstack_layers(params, layers if ppo.micro_batches > 1 else 0)
+
+    def loss(pieces, m, scale):
+        return minibatch_loss(restack(pieces), m, scale, apply_fn=apply_fn, loss_fn=loss_fn)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def micro_step(acc, m):
         grads_acc, loss_acc = acc
         part = reduction_denominator(m["mask"], ppo.reduction, segment_ids=m.get("segment_ids"))
         scale = jnp.where(total > 0, part / jnp.maximum(total, 1.0), 0.0)
-        (loss, values), grads = grad_fn(params, m, scale)
-        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), values
+        (part_loss, values), grads = grad_fn(pieces, m, scale)
+        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + part_loss), values
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss), values = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), micro)
-    return grads, loss, values.reshape(mb["mask"].shape)
+    zeros = jax.tree.map(jnp.zeros_like, pieces)
+    (grads, total_loss), values = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), micro)
+    return restack(grads), total_loss, values.reshape(mb["mask"].shape)
 
 
 def minibatch_step(
@@ -269,11 +305,12 @@ def minibatch_step(
     tx: optax.GradientTransformation,
     ppo: PPOConfig,
     mesh: jax.sharding.Mesh,
+    layers: int = 0,
 ) -> tuple[tuple[Any, Any], dict[str, jax.Array]]:
     """One optimizer update on one minibatch: `(params, opt_state) -> (params, opt_state)`."""
     params, opt_state = carry
     grads, loss, values = accumulate_gradients(
-        params, mb, apply_fn=apply_fn, loss_fn=loss_fn, ppo=ppo, mesh=mesh
+        params, mb, apply_fn=apply_fn, loss_fn=loss_fn, ppo=ppo, mesh=mesh, layers=layers
     )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -301,6 +338,7 @@ def update(
     tx: optax.GradientTransformation,
     ppo: PPOConfig,
     mesh: jax.sharding.Mesh,
+    layers: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The critic update of one PPO iteration on one rollout batch.
 
@@ -313,6 +351,8 @@ def update(
       tx: the optimizer of `make_optimizer`.
       ppo: the PPO section of the config.
       mesh: the device mesh (for sharding constraints).
+      layers: the depth of a written-out layer stack (`ModelConfig.unrolled`), sliced once per
+        minibatch for all its micro-batches (`unstack_layers`); 0: none. Same numbers either way.
 
     Returns:
       (the new state, metrics: float32 scalars averaged over the iteration's updates).
@@ -329,7 +369,13 @@ def update(
     data.update(old_values=values, returns=returns)
     rng, shuffle_rng = jax.random.split(state.rng)
     step = functools.partial(
-        minibatch_step, apply_fn=apply_fn, loss_fn=loss_fn, tx=tx, ppo=ppo, mesh=mesh
+        minibatch_step,
+        apply_fn=apply_fn,
+        loss_fn=loss_fn,
+        tx=tx,
+        ppo=ppo,
+        mesh=mesh,
+        layers=layers,
     )
 
     def epoch(carry, key):
@@ -367,11 +413,15 @@ def make_update(
     *,
     mesh: jax.sharding.Mesh,
     loss_fn: LossFn | None = None,
+    layers: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`update` with the model, loss, optimizer and config bound: `(state, batch) -> (state,
-    metrics)`, pure, for the caller to jit once. `loss_fn` defaults to the scalar value loss."""
+    metrics)`, pure, for the caller to jit once. `loss_fn` defaults to the scalar value loss;
+    `layers` as in `update`."""
     loss_fn = loss_fn or functools.partial(critic_loss, ppo=ppo)
-    return functools.partial(update, apply_fn=apply_fn, loss_fn=loss_fn, tx=tx, ppo=ppo, mesh=mesh)
+    return functools.partial(
+        update, apply_fn=apply_fn, loss_fn=loss_fn, tx=tx, ppo=ppo, mesh=mesh, layers=layers
+    )
 
 
 def evaluate(params: Any, batch: Batch, *, apply_fn: ApplyFn, ppo: PPOConfig) -> Batch:

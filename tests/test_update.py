@@ -2,6 +2,7 @@
 the evaluation against true values."""
 
 import dataclasses
+import functools
 import re
 
 import chex
@@ -296,3 +297,47 @@ def test_cpu_compiler_options_are_scoped_checked_and_exact(monkeypatch):
         monkeypatch.undo()
         parallel._cpu_options_accepted.cache_clear()
     assert parallel.compiler_options(mesh) == opts
+
+
+@pytest.mark.parametrize("shape", [dict(data=1), dict(data=1, fsdp=8)], ids=str)
+def test_layer_slices_taken_once_give_the_same_gradient(shape):
+    """`layers` (a written-out stack sliced once for all micro-batches) changes no number: the
+    accumulated gradient, loss and values equal those of the stacked parameters, on one device
+    and FSDP-split, and `unstack_layers` round-trips."""
+    devices = jax.devices()[: int(np.prod(list(shape.values())))]
+    mesh = parallel.make_mesh(parallel.MeshConfig(**shape), devices=devices)
+    cfg = _config(micro_batches=4)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=3))
+    assert cfg.model.unrolled
+    graphdef, setup, state = _trainer(cfg, mesh)
+    b = _batch(5)
+    mb = parallel.make_global_batch(
+        {**train_lib.host_batch(b, setup.batch_keys, vocab_size=VOCAB), "old_values": b["mask"]},
+        mesh,
+    )
+    mb["returns"] = mb["old_values"] * 0.5
+    apply_fn = update_lib.make_apply_fn(graphdef, mesh)
+    loss_fn = train_lib.default_loss_fn(cfg)
+
+    def grads(layers):
+        fn = functools.partial(
+            update_lib.accumulate_gradients,
+            apply_fn=apply_fn,
+            loss_fn=loss_fn,
+            ppo=cfg.ppo,
+            mesh=mesh,
+            layers=layers,
+        )
+        with train_lib.mesh_context(mesh):
+            return jax.device_get(jax.jit(fn)(state.params, mb))
+
+    want, got = grads(0), grads(3)
+    assert jax.tree.structure(want[0]) == jax.tree.structure(got[0])
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    assert optax.tree.norm(want[0]) > 0
+    pieces, restack = update_lib.unstack_layers(state.params, 3)
+    stacked_leaves = [x for x in jax.tree.leaves(state.params) if x.ndim and x.shape[0] == 3]
+    assert len(jax.tree.leaves(pieces)) == len(jax.tree.leaves(state.params)) + 2 * len(
+        stacked_leaves
+    )
+    chex.assert_trees_all_equal(jax.device_get(restack(pieces)), jax.device_get(state.params))

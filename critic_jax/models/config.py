@@ -277,6 +277,16 @@ class ModelConfig:
         return jnp.dtype(DTYPES[self.dtype])
 
     @property
+    def unrolled(self) -> bool:
+        """Whether the blocks run written out: `layer_loop` "unroll", or "auto" at no more than
+        `UNROLL_MAX_LAYERS` layers without remat."""
+        return self.layer_loop == "unroll" or (
+            self.layer_loop == "auto"
+            and self.remat == "none"
+            and self.num_layers <= UNROLL_MAX_LAYERS
+        )
+
+    @property
     def storage_dtype(self) -> jnp.dtype:
         return jnp.dtype(DTYPES[self.param_dtype])
 

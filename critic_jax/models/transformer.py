@@ -370,11 +370,8 @@ class Transformer(nnx.Module):
         angles_btk = pos_bt[..., None].astype(jnp.float32) * rope_frequencies(c)
         cos_btk, sin_btk = jnp.cos(angles_btk), jnp.sin(angles_btk)
         h_btd = lookup(self.embed[...], tokens_bt, c.compute_dtype)
-        unroll = c.layer_loop == "unroll" or (
-            c.layer_loop == "auto" and c.remat == "none" and c.num_layers <= UNROLL_MAX_LAYERS
-        )
         h_btd = run_blocks(
-            self.layers, h_btd, cos_btk, sin_btk, segment_ids_bt, remat=c.remat, unroll=unroll
+            self.layers, h_btd, cos_btk, sin_btk, segment_ids_bt, remat=c.remat, unroll=c.unrolled
         )
         return self.norm(h_btd)
 
