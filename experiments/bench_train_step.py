@@ -15,8 +15,9 @@ FLOPs per token, the fraction of the peak each step reaches, and the compile tim
 JAX update. Every JAX function is jitted with the compiler options the trainer uses
 (`critic_jax.parallel.compiler_options`). A last row, the matmul floor, runs only the update's
 matrix products (the same shapes, micro-batches and backward, with no norm, softmax, rope, loss
-or optimizer): the time no implementation of this step can beat on this machine. The implementations are timed in
-alternating rounds, so a change in the machine's load hits all of them alike.
+or optimizer): the time no implementation of this step can beat on this machine. The
+implementations are timed in alternating rounds, so a change in the machine's load hits all of
+them alike.
 
     python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 5]
 
