@@ -292,7 +292,7 @@ def make_trainer(
             config.ppo,
             mesh=mesh,
             loss_fn=loss_fn or default_loss_fn(config),
-            layers=config.model.num_layers if config.model.unrolled else 0,
+            split_layers=config.model.unrolled,
         ),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, rep),

@@ -216,9 +216,9 @@ def gae_targets(batch: Batch, values: jax.Array, ppo: PPOConfig) -> tuple[jax.Ar
     return advantages, returns
 
 
-def unstack_layers(params: Any, layers: int) -> tuple[Any, Callable[[Any], Any]]:
-    """(params with each leaf under a `layers` key split into its `layers` slices along the
-    leading axis, the function that stacks such a tree back). `layers <= 1`: unchanged.
+def unstack_layers(params: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """(params with each stacked layer parameter, a `Variable` whose leading logical axis is
+    "layers", split into its per-layer slices; the function that stacks such a tree back).
 
     The micro-batch loop of `accumulate_gradients` differentiates with respect to the slices and
     stacks them inside the loss, where the compiler folds the stack into the model's per-layer
@@ -226,16 +226,15 @@ def unstack_layers(params: Any, layers: int) -> tuple[Any, Callable[[Any], Any]]
     and each micro-batch's gradient is accumulated per layer, not re-stacked (written-out layer
     loops only: a scanned loop reads the stack itself).
     """
-    if layers <= 1:
-        return params, lambda tree: tree
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
 
-    def stacked(path, x) -> bool:
-        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        return "layers" in keys and x.ndim > 0 and x.shape[0] == layers
+    def stacked(x) -> bool:
+        names = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+        return bool(names) and names[0] == "layers"
 
-    marks = [stacked(path, x) for path, x in flat]
-    leaves = [tuple(x) if m else x for (_, x), m in zip(flat, marks, strict=True)]
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    marks = jax.tree.leaves(jax.tree.map(stacked, params, is_leaf=is_variable))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [tuple(x) if m else x for x, m in zip(leaves, marks, strict=True)]
 
     def restack(tree: Any) -> Any:
         parts = treedef.flatten_up_to(tree)
@@ -262,14 +261,14 @@ def accumulate_gradients(
     loss_fn: LossFn,
     ppo: PPOConfig,
     mesh: jax.sharding.Mesh,
-    layers: int = 0,
+    split_layers: bool = False,
 ) -> tuple[Any, jax.Array, jax.Array]:
     """Gradient of the minibatch loss, summed over `ppo.micro_batches` micro-batches.
 
     Each micro-batch's loss is scaled by `reduction_denominator(micro) / ...(minibatch)`, so the
-    sum is the loss reduced over the whole minibatch, whatever the split. `layers`: the depth
-    of a written-out layer stack whose slices are taken once for all micro-batches
-    (`unstack_layers`; 0: none).
+    sum is the loss reduced over the whole minibatch, whatever the split. `split_layers`: the
+    model's layers run written out, so their slices are taken once for all micro-batches
+    (`unstack_layers`).
 
     Returns:
       (grads, loss, values [b, T] of the minibatch).
@@ -277,7 +276,10 @@ def accumulate_gradients(
     seg = mb.get("segment_ids")
     total = reduction_denominator(mb["mask"], ppo.reduction, segment_ids=seg)
     micro = jax.tree.map(lambda x: _split_rows(x, ppo.micro_batches, mesh), mb)
-    pieces, restack = unstack_layers(params, layers if ppo.micro_batches > 1 else 0)
+    if split_layers and ppo.micro_batches > 1:
+        pieces, restack = unstack_layers(params)
+    else:
+        pieces, restack = params, lambda tree: tree
 
     def loss(pieces, m, scale):
         return minibatch_loss(restack(pieces), m, scale, apply_fn=apply_fn, loss_fn=loss_fn)
@@ -305,12 +307,18 @@ def minibatch_step(
     tx: optax.GradientTransformation,
     ppo: PPOConfig,
     mesh: jax.sharding.Mesh,
-    layers: int = 0,
+    split_layers: bool = False,
 ) -> tuple[tuple[Any, Any], dict[str, jax.Array]]:
     """One optimizer update on one minibatch: `(params, opt_state) -> (params, opt_state)`."""
     params, opt_state = carry
     grads, loss, values = accumulate_gradients(
-        params, mb, apply_fn=apply_fn, loss_fn=loss_fn, ppo=ppo, mesh=mesh, layers=layers
+        params,
+        mb,
+        apply_fn=apply_fn,
+        loss_fn=loss_fn,
+        ppo=ppo,
+        mesh=mesh,
+        split_layers=split_layers,
     )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -338,7 +346,7 @@ def update(
     tx: optax.GradientTransformation,
     ppo: PPOConfig,
     mesh: jax.sharding.Mesh,
-    layers: int = 0,
+    split_layers: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The critic update of one PPO iteration on one rollout batch.
 
@@ -351,8 +359,8 @@ def update(
       tx: the optimizer of `make_optimizer`.
       ppo: the PPO section of the config.
       mesh: the device mesh (for sharding constraints).
-      layers: the depth of a written-out layer stack (`ModelConfig.unrolled`), sliced once per
-        minibatch for all its micro-batches (`unstack_layers`); 0: none. Same numbers either way.
+      split_layers: the model's layers run written out (`ModelConfig.unrolled`): slice them once
+        per minibatch for all its micro-batches (`unstack_layers`). Same numbers either way.
 
     Returns:
       (the new state, metrics: float32 scalars averaged over the iteration's updates).
@@ -375,7 +383,7 @@ def update(
         tx=tx,
         ppo=ppo,
         mesh=mesh,
-        layers=layers,
+        split_layers=split_layers,
     )
 
     def epoch(carry, key):
@@ -413,14 +421,20 @@ def make_update(
     *,
     mesh: jax.sharding.Mesh,
     loss_fn: LossFn | None = None,
-    layers: int = 0,
+    split_layers: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`update` with the model, loss, optimizer and config bound: `(state, batch) -> (state,
     metrics)`, pure, for the caller to jit once. `loss_fn` defaults to the scalar value loss;
-    `layers` as in `update`."""
+    `split_layers` as in `update`."""
     loss_fn = loss_fn or functools.partial(critic_loss, ppo=ppo)
     return functools.partial(
-        update, apply_fn=apply_fn, loss_fn=loss_fn, tx=tx, ppo=ppo, mesh=mesh, layers=layers
+        update,
+        apply_fn=apply_fn,
+        loss_fn=loss_fn,
+        tx=tx,
+        ppo=ppo,
+        mesh=mesh,
+        split_layers=split_layers,
     )
 
 

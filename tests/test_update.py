@@ -301,7 +301,7 @@ def test_cpu_compiler_options_are_scoped_checked_and_exact(monkeypatch):
 
 @pytest.mark.parametrize("shape", [dict(data=1), dict(data=1, fsdp=8)], ids=str)
 def test_layer_slices_taken_once_give_the_same_gradient(shape):
-    """`layers` (a written-out stack sliced once for all micro-batches) changes no number: the
+    """`split_layers` (a written-out stack sliced once for all micro-batches) changes no number: the
     accumulated gradient, loss and values equal those of the stacked parameters, on one device
     and FSDP-split, and `unstack_layers` round-trips."""
     devices = jax.devices()[: int(np.prod(list(shape.values())))]
@@ -319,23 +319,23 @@ def test_layer_slices_taken_once_give_the_same_gradient(shape):
     apply_fn = update_lib.make_apply_fn(graphdef, mesh)
     loss_fn = train_lib.default_loss_fn(cfg)
 
-    def grads(layers):
+    def grads(split_layers):
         fn = functools.partial(
             update_lib.accumulate_gradients,
             apply_fn=apply_fn,
             loss_fn=loss_fn,
             ppo=cfg.ppo,
             mesh=mesh,
-            layers=layers,
+            split_layers=split_layers,
         )
         with train_lib.mesh_context(mesh):
             return jax.device_get(jax.jit(fn)(state.params, mb))
 
-    want, got = grads(0), grads(3)
+    want, got = grads(False), grads(True)
     assert jax.tree.structure(want[0]) == jax.tree.structure(got[0])
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
     assert optax.tree.norm(want[0]) > 0
-    pieces, restack = update_lib.unstack_layers(state.params, 3)
+    pieces, restack = update_lib.unstack_layers(state.params)
     stacked_leaves = [x for x in jax.tree.leaves(state.params) if x.ndim and x.shape[0] == 3]
     assert len(jax.tree.leaves(pieces)) == len(jax.tree.leaves(state.params)) + 2 * len(
         stacked_leaves
