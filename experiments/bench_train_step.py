@@ -17,7 +17,8 @@ JAX update. Every JAX function is jitted with the compiler options the trainer u
 matrix products (the same shapes, micro-batches and backward, with no norm, softmax, rope, loss
 or optimizer): the time no implementation of this step can beat on this machine. The
 implementations are timed in alternating rounds, so a change in the machine's load hits all of
-them alike.
+them alike; in each round an implementation runs three times back to back and the last two are
+timed (steps of a training loop, each after a step of its own, not after another framework's).
 
     python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 5]
 
@@ -237,16 +238,24 @@ def torch_matmul(n: int = 2048) -> Callable[[], None] | None:
     return lambda: a @ a
 
 
-def alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternating rounds."""
+def alternate(fns: dict[str, Callable[[], None]], repeats: int, calls: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds.
+
+    In each round every function runs `1 + calls` times back to back and only the last `calls`
+    are timed: the untimed lead-in absorbs what the previous function left behind (XLA frees an
+    update's scratch memory, and returns its pages to the system, after the outputs are ready),
+    so each function is timed as it runs in a training loop, after a step of its own.
+    """
     for fn in fns.values():
         fn()  # warm up
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -288,7 +297,7 @@ def main():
         peak,
         0.0,
     )
-    seconds = alternate({name: fn for name, (fn, _, _) in impls.items()}, args.repeats)
+    seconds = alternate({name: fn for name, (fn, _, _) in impls.items()}, args.repeats, calls=2)
     rows = []
     for name, (_, impl_peak, compile_s) in impls.items():
         t = seconds[name]
