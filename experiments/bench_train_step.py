@@ -242,9 +242,9 @@ def alternate(fns: dict[str, Callable[[], None]], repeats: int, calls: int = 1) 
     """Median seconds per call of each function, timed in alternating rounds.
 
     In each round every function runs `1 + calls` times back to back and only the last `calls`
-    are timed: the untimed lead-in absorbs what the previous function left behind (XLA frees an
-    update's scratch memory, and returns its pages to the system, after the outputs are ready),
-    so each function is timed as it runs in a training loop, after a step of its own.
+    are timed: the untimed lead-in absorbs what the previous function left behind (XLA:CPU
+    returns an update's scratch memory to the system after each call), so each function is timed
+    as it runs in a training loop, after a step of its own.
     """
     for fn in fns.values():
         fn()  # warm up
