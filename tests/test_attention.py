@@ -109,6 +109,28 @@ def test_matches_reference_forward_and_gradients(implementation, case, num_kv_he
 
 
 @pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", ["left_padding", "holes", "packed"])
+def test_garbage_at_padding_changes_nothing(implementation, case):
+    """NaN and inf in q, k and v at padding tokens: the output and the gradients equal the
+    reference on inputs zeroed there, and the gradients at padding are 0."""
+    b, t, n, h = 3, 21, 4, 8
+    q, k, v, dout = _inputs(b, t, n, 2, h, seed=2)
+    seg = _segments(case, b, t)
+    pad = seg == 0
+    clean = [np.where(pad[:, :, None, None], 0, x).astype(np.float32) for x in (q, k, v)]
+    garbage = [x.copy() for x in clean]
+    for i, x in enumerate(garbage):
+        x[pad] = (np.nan, np.inf, -np.inf)[i]
+    fn = functools.partial(dot_product_attention, implementation=implementation, block_size=8)
+    want, *want_grads = reference_attention(*clean, seg, dout)
+    np.testing.assert_allclose(jax.jit(fn)(*garbage, seg), want, rtol=1e-5, atol=1e-5)
+    grads = jax.jit(functools.partial(_grads, fn))(*garbage, seg, dout)
+    for name, got, ref in zip("qkv", grads, want_grads, strict=True):
+        assert np.all(np.asarray(got)[pad] == 0), name
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize(("block_size", "use_jit"), [(0, True), (5, True), (128, True), (8, False)])
 def test_block_sizes_with_and_without_jit(implementation, block_size, use_jit):
     q, k, v, _ = _inputs(2, 16, 4, 2, 8, seed=1)

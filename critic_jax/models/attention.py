@@ -71,7 +71,8 @@ def dot_product_attention(
       k_bsgh: [B, T, G, H] keys; G divides N.
       v_bsgh: [B, T, G, H] values.
       segment_ids_bt: int [B, T] segment of each token; 0 is padding. A 0/1 padding mask (left,
-        right or with holes) is a valid argument.
+        right or with holes) is a valid argument. Whatever q, k and v hold at padding tokens
+        (NaN and inf included) changes neither the output nor the gradients elsewhere.
       implementation: one of `ATTENTION_IMPLEMENTATIONS` (see the module docstring).
       block_size: query and key block length of "xla", "xla-flash" and "splash" ("splash"
         rounds it to a multiple of 128); 0 means one block of T.
@@ -85,6 +86,12 @@ def dot_product_attention(
     """
     _check_inputs(q_btnh, k_bsgh, v_bsgh, segment_ids_bt, block_size)
     seg_bt = jnp.asarray(segment_ids_bt).astype(jnp.int32)
+    # Padding tokens are never read, but a NaN or inf there would still reach other rows through
+    # the products and their gradients (0 · inf) or an additive mask; zeroed, it cannot.
+    real_bt11 = (seg_bt != 0)[:, :, None, None]
+    q_btnh = jnp.where(real_bt11, q_btnh, 0).astype(q_btnh.dtype)
+    k_bsgh = jnp.where(real_bt11, k_bsgh, 0).astype(k_bsgh.dtype)
+    v_bsgh = jnp.where(real_bt11, v_bsgh, 0).astype(v_bsgh.dtype)
     impl = choose_implementation(
         implementation, seq_len=q_btnh.shape[1], dtype=q_btnh.dtype, backend=None
     )
@@ -175,24 +182,28 @@ def _zero_padding_queries(out_btnh: jax.Array, seg_bt: jax.Array) -> jax.Array:
 
 
 def _attend(
-    q_bgrth: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, valid_bts: jax.Array
+    q_bgrth: jax.Array, k_bgsh: jax.Array, v_bgsh: jax.Array, bias_bts: jax.Array
 ) -> jax.Array:
     """Softmax attention of queries [B, G, R, Tq, H] over keys/values [B, G, S, H].
 
-    `valid_bts` [B, Tq, S] says which keys each query may read. The probabilities are left
+    `bias_bts` [B, Tq, S] is added to the scores: 0 where a query may read a key, `_NEG` where it
+    may not. An addition (rather than a select on a boolean mask) fuses into the score product on
+    XLA:CPU, and its gradient is the identity, so neither pass writes the [.., Tq, S] scores an
+    extra time (5% of a train step in `experiments/bench_train_step.py`). Queries are scaled
+    before the product ([.., Tq, H] numbers, not [.., Tq, S]). The probabilities are left
     unnormalised (exp(s - max)) through the value product and the [.., Tq, H] output is divided
-    by their sum afterwards, which touches Tq x H numbers instead of Tq x S. The scores, max and
-    sum are float32; the two products run in the inputs' dtype.
+    by their sum afterwards, for the same reason. The scores, max and sum are float32; the two
+    products run in the inputs' dtype.
     """
     b, g, r, tq, h = q_bgrth.shape
+    q_bgrth = q_bgrth * jnp.asarray(1.0 / math.sqrt(h), q_bgrth.dtype)
     scores_bgqs = jnp.einsum(
         "bgqh,bgsh->bgqs",
         q_bgrth.reshape(b, g, r * tq, h),
         k_bgsh,
         preferred_element_type=jnp.float32,
     )
-    scores_bgrts = scores_bgqs.reshape(b, g, r, tq, -1) * (1.0 / math.sqrt(h))
-    scores_bgrts = jnp.where(valid_bts[:, None, None], scores_bgrts, _NEG)
+    scores_bgrts = scores_bgqs.reshape(b, g, r, tq, -1) + bias_bts[:, None, None]
     # Shifting by the row max changes nothing mathematically, so it carries no gradient.
     shift_bgrt1 = jax.lax.stop_gradient(jnp.max(scores_bgrts, axis=-1, keepdims=True))
     weights_bgrts = jnp.exp(scores_bgrts - shift_bgrt1)
@@ -228,8 +239,9 @@ def _xla_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, *, block_size: int) -> jax.Ar
             & (seg_q_bt != 0)[:, :, None]
             & (pos_t[lo:hi, None] >= pos_t[None, :hi])[None]
         )
+        bias_bts = jnp.where(valid_bts, 0.0, _NEG).astype(jnp.float32)
         outs.append(
-            _attend(q_bgrth[:, :, :, lo:hi], k_bgsh[:, :, :hi], v_bgsh[:, :, :hi], valid_bts)
+            _attend(q_bgrth[:, :, :, lo:hi], k_bgsh[:, :, :hi], v_bgsh[:, :, :hi], bias_bts)
         )
     out_bgrth = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     out_btnh = out_bgrth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
