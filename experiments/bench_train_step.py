@@ -15,12 +15,13 @@ FLOPs per token, the fraction of the peak each step reaches, and the compile tim
 JAX update. Every JAX function is jitted with the compiler options the trainer uses
 (`critic_jax.parallel.compiler_options`). A last row, the matmul floor, runs only the update's
 matrix products (the same shapes, micro-batches and backward, with no norm, softmax, rope, loss
-or optimizer): the time no implementation of this step can beat on this machine. The
-implementations are timed in alternating rounds, so a change in the machine's load hits all of
-them alike; in each round an implementation runs three times back to back and the last two are
-timed (steps of a training loop, each after a step of its own, not after another framework's).
+or optimizer): the time no implementation of this step can beat on this machine; each row's
+`times_floor` is its time over the floor's. The implementations are timed in alternating rounds,
+so a change in the machine's load hits all of them alike; in each round an implementation runs
+three times back to back and the last two are timed (steps of a training loop, each after a step
+of its own, not after another framework's).
 
-    python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 5]
+    python experiments/bench_train_step.py [--batch 8] [--seq 512] [--micro 8] [--repeats 7]
 
 Writes bench_train_step.{csv,md} to experiments/results/ (or `--results DIR`).
 """
@@ -264,7 +265,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro", type=int, default=8, help="micro-batches of the split rows")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the tables go")
     args = ap.parse_args()
     cfg = model_config()
@@ -292,7 +293,8 @@ def main():
             torch_peak,
             0.0,
         )
-    impls[f"matmul floor: the update's matmuls alone, {args.micro} micro-batches"] = (
+    floor = f"matmul floor: the update's matmuls alone, {args.micro} micro-batches"
+    impls[floor] = (
         jax_matmul_floor(cfg, args.batch, args.seq, args.micro),
         peak,
         0.0,
@@ -312,6 +314,7 @@ def main():
         }
         if reference in seconds:
             row["speedup_vs_reference"] = seconds[reference] / t
+        row["times_floor"] = t / seconds[floor]
         rows.append(row)
     args.results.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
