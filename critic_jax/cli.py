@@ -288,8 +288,11 @@ def _plan(args: list[str]) -> int:
     print(
         f"plan: {report['target']} ({report['device_kind']}), {report['devices']} devices, "
         f"mesh {report['mesh']}, {report['parameters'] / 1e9:.3g}B parameters, "
-        f"T = {report['seq_len']}, {report['tokens_per_iteration']} tokens per iteration"
+        f"T = {report['seq_len']}, {report['tokens_per_iteration']} tokens per iteration, "
+        f"compiled by {report['compiler']}"
     )
+    if "compiler_warning" in report:
+        print(f"  warning: {report['compiler_warning']}")
     for key in (
         "argument_bytes",
         "output_bytes",

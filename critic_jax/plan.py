@@ -8,13 +8,17 @@ devices and reads the compiler's per-device memory figures and FLOP count. Targe
 - `cpu`: this machine's CPU with `devices` fake devices (set before JAX starts; see the CLI).
   CPU figures overstate accelerator memory (XLA:CPU does not rematerialise to save memory).
 - `tpu-<chip>:<topology>` (e.g. `tpu-v5e:2x4`, `tpu-v5p:2x2x2`): libtpu's compile-only devices
-  (`pip install libtpu`, the `tpu` extra); no TPU is needed, and the figures are the TPU
-  compiler's own.
+  (the `tpu` extra: `jax[tpu]`, the libtpu release the installed jax pins); no TPU is needed,
+  and the figures are the TPU compiler's own. They are those of one libtpu release: another
+  schedules the same program differently (Qwen2.5-0.5B at T = 32768 on v5e 2x4 peaks at
+  7.33 GiB a chip with libtpu 0.0.42.1, the release jax 0.10.2 pins, and at 6.45 GiB with
+  0.0.52), so the report names the compiler and says when it is not the pinned one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import re
 import time
@@ -51,6 +55,34 @@ def parse_bytes(text: str) -> int:
     return int(number * scale[unit])
 
 
+def compiler_version(target: str) -> tuple[str, str | None]:
+    """(the compiler that `target` compiles with, e.g. "libtpu 0.0.42.1"; a warning when that
+    libtpu is not the release the installed jax pins for TPUs, else None)."""
+    version = importlib.metadata.version
+    if target == "cpu":
+        return f"jaxlib {version('jaxlib')}", None
+    try:
+        found = version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "libtpu (version unknown)", None
+    requirements = [
+        r.replace(" ", "").replace("'", '"') for r in importlib.metadata.requires("jax") or []
+    ]
+    pins = [
+        r.split(";")[0][len("libtpu==") :]
+        for r in requirements
+        if r.startswith("libtpu==") and 'extra=="tpu"' in r
+    ]
+    pinned = pins[0] if pins else None
+    prefix = pinned[:-2] if pinned and pinned.endswith(".*") else None  # PEP 440 "==X.*"
+    if pinned is None or found in (pinned, prefix) or (prefix and found.startswith(prefix + ".")):
+        return f"libtpu {found}", None
+    return f"libtpu {found}", (
+        f"libtpu {found} is not the release jax {version('jax')} pins ({pinned}); another release "
+        f"may compile the update to a different peak: pip install 'jax[tpu]=={version('jax')}'"
+    )
+
+
 def target_devices(target: str) -> tuple[list[Any], int | None]:
     """(devices, memory per device in bytes or None) of `target`.
 
@@ -70,7 +102,7 @@ def target_devices(target: str) -> tuple[list[Any], int | None]:
     except ImportError:
         raise ValueError(
             f"Target {target!r} compiles with libtpu's compile-only devices: pip install "
-            f"'critic_jax[tpu]' (or libtpu). Received: {target!r}"
+            f"'critic_jax[tpu]' (or 'jax[tpu]'). Received: {target!r}"
         ) from None
     from jax.experimental import topologies
 
@@ -123,7 +155,8 @@ def plan(
       `compile_seconds`, `flops_per_token` (`model_flops_per_token`: matmul FLOPs of the
       whole iteration per token), `compiled_flops_per_token` (the compiler's cost analysis,
       which counts the body of each loop, the scanned layers and minibatches, once),
-      `device_memory`, `fits`.
+      `device_memory`, `fits`, `compiler` (e.g. "libtpu 0.0.42.1"), and `compiler_warning`
+      when that libtpu is not the release the installed jax pins.
 
     Raises:
       ValueError: on an invalid target, mesh or config.
@@ -180,6 +213,9 @@ def plan(
         "tokens_per_iteration": config.data.batch_size * seq_len,
         "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
     }
+    report["compiler"], warning = compiler_version(target)
+    if warning is not None:
+        report["compiler_warning"] = warning
     if compiled is None:  # the compiler's own verdict: the temporaries alone exceed the chip
         temp, hbm = float(oom[1]) * GIB, float(oom[2]) * GIB
         return {

@@ -137,7 +137,7 @@ FIELDS = [
     "id", "model", "seq_len", "target", "devices", "mesh", "dtype", "remat",
     "peak_gib", "temp_gib", "argument_gib", "output_gib", "alias_gib", "compile_s", "wall_s",
     "flops_per_token", "compiled_flops_per_token", "parameters", "device_memory_gib", "fits",
-    "load_before", "load_after", "status", "error", "command",
+    "compiler", "load_before", "load_after", "status", "error", "command",
 ]  # fmt: skip
 
 
@@ -185,6 +185,12 @@ def run_row(row: dict) -> dict:
         return out
     r = json.loads(lines[-1])
     mesh = r["mesh"]
+    if "argument_bytes" not in r:  # the TPU compiler refused the program: its note says why
+        out.update(
+            devices=r["devices"], compiler=r.get("compiler", ""), fits="False",
+            status="compiler OOM", error=r.get("note", ""),
+        )  # fmt: skip
+        return out
     out.update(
         devices=r["devices"],
         mesh=" x ".join(f"{k} {v}" for k, v in mesh.items() if v != 1) or "1 device",
@@ -199,6 +205,7 @@ def run_row(row: dict) -> dict:
         parameters=r["parameters"],
         device_memory_gib="" if r["device_memory"] is None else f"{r['device_memory'] / GIB:.2f}",
         fits="" if r["fits"] is None else str(r["fits"]),
+        compiler=r["compiler"] + (" (not the release jax pins)" if "compiler_warning" in r else ""),
         status="ok",
     )
     return out
@@ -260,22 +267,22 @@ def depth_summary(rows: list[dict]) -> list[str]:
 
 
 # What the TPU compiler's buffer assignment of the `8b-v5p` row holds (from
-# `XLA_FLAGS=--xla_dump_to=DIR python experiments/plan_table.py --dump 8b-v5p`, 2026-11-30).
+# `XLA_FLAGS=--xla_dump_to=DIR`, the memory-usage report, libtpu 0.0.42.1, 2026-12-01).
 NOTES = [
-    "Where the Llama-3-8B / v5p / full-remat peak goes (buffer assignment of the TPU compile, "
-    "per chip): arguments 10.49 GiB (f32 parameters and both Adam moments, split 8 ways); "
-    "the saved block inputs bf16[32, 1, 8192, 4096] = 2.0 GiB (what full remat keeps); the "
-    "f32 gradient (about 3.5 GiB, split); and the embedding handled whole on every chip: an "
-    "all-gather of the f32 table f32[128256, 4096] (1.96 GiB), its gradient scattered into a "
-    "whole-table zero buffer (1.96 GiB) and all-reduced whole (1.96 GiB; not reduce-scattered), "
-    "plus a bf16 all-gather of the whole table (1.0 GiB), against 0.24 GiB for the chip's slice "
-    "(the lookup of that day gathered the table). The lookup now runs on the table's own shards "
-    "(`models.embedding.lookup`: token ids gathered, a masked local read, one all-to-all of the "
-    "rows), so neither the table nor its gradient is whole on a chip; rerun of this row "
-    "afterwards: peak 21.88 GiB, temp 11.39 (compile 68 s on a quiet machine): those buffers "
-    "were not live at the peak, which is the layers' backward. The buffer report also holds "
-    "whole-stack bf16 copies of the split stacked MLP weights (3 x 448 MiB): the per-layer "
-    "cast hoisted out of the layer scan.",
+    "Where the Llama-3-8B / v5p / full-remat peak goes (libtpu 0.0.42.1, the memory-usage "
+    "report of the TPU compile, per chip): arguments 10.49 GiB (f32 parameters and both Adam "
+    "moments, split 8 ways); the saved block inputs bf16[32, 1, 8192, 4096] = 2.0 GiB (what "
+    "full remat keeps); f32 buffers of the stacked MLP weights' size (gradients and optimizer "
+    "temporaries, 896 MiB each); bf16 copies of the whole split MLP stacks (448 MiB each, about "
+    "2.2-2.6 GiB: the compiler casts the stack once per minibatch instead of one layer at a "
+    "time; an optimisation barrier on the layer slice did not keep the cast in the loop, 23.79 "
+    "GiB); one layer's working set (bf16[1, 8192, 14336] intermediates, 224 MiB each). The "
+    "embedding is looked up and scattered on its own shards (`models.embedding.lookup`). "
+    "Compiler releases differ: with libtpu 0.0.52 (not the release jax 0.10.2 pins) the same "
+    "update peaks at 21.88 GiB (8B) and 6.45 GiB (Qwen2.5-0.5B, T = 32768); the earlier 5.17 "
+    "GiB of that row was 0.0.52 before the rotary rewrite of 2026-11-30 (a flip of a [.., 2, "
+    "head_dim/2] view instead of split and concatenate), which 0.0.52 compiles to 1.3 GiB more "
+    "and 0.0.42.1 to the same peak (7.31 vs 7.33 GiB).",
 ]
 
 
@@ -287,7 +294,7 @@ def write_md(rows: list[dict]) -> None:
     head = [
         "model shape", "T", "target", "devices / mesh", "dtype (compute / params), remat",
         "peak GiB / device", "temp GiB", "compile s", "model FLOPs / token", "fits",
-        "load avg (1/5/15 min, before)", "target",
+        "compiler", "load avg (1/5/15 min, before)", "target",
     ]  # fmt: skip
     lines = [
         "# critic-jax plan: real shapes (issue 12)",
@@ -300,9 +307,11 @@ def write_md(rows: list[dict]) -> None:
         "Defaults kept: ppo_epochs 2, batch 8 = minibatch 8 (one optimizer update per epoch, "
         "one row per device where fsdp = 8), micro_batches 1, scalar value head, Adam, "
         "attention auto (splash on the TPU targets, the XLA path on CPU). TPU figures come from "
-        "libtpu's compile-only devices; CPU figures overstate accelerator memory (XLA:CPU does "
-        "not rematerialise). FLOPs / token: the planner's model FLOPs of the whole PPO iteration "
-        "(old-values pass + 2 epochs of forward and backward).",
+        "libtpu's compile-only devices (the compiler column: the release the installed jax "
+        "pins; another release compiles the same update to other figures); CPU figures "
+        "overstate accelerator memory (XLA:CPU does not rematerialise). FLOPs / token: the "
+        "planner's model FLOPs of the whole PPO iteration (old-values pass + 2 epochs of "
+        "forward and backward).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -331,7 +340,7 @@ def write_md(rows: list[dict]) -> None:
             + " | ".join(
                 [r["model"], r["seq_len"], r["target"], devmesh, f"{r['dtype']}, {r['remat']}"]
                 + cells
-                + [r["load_before"], verdict(r, by_id)]
+                + [r.get("compiler") or "not recorded", r["load_before"], verdict(r, by_id)]
             )
             + " |"
         )

@@ -24,6 +24,33 @@ def test_parse_bytes():
         plan_lib.parse_bytes("lots")
 
 
+@pytest.mark.parametrize(
+    "installed, pin, warned",
+    [
+        ("0.0.42.1", 'libtpu==0.0.42.*; extra == "tpu"', False),
+        ("0.0.42", 'libtpu==0.0.42.*; extra == "tpu"', False),
+        ("0.0.52", 'libtpu==0.0.42.*; extra == "tpu"', True),
+        ("0.0.420", 'libtpu==0.0.42.*; extra == "tpu"', True),
+        ("0.0.52", "libtpu==0.0.52; extra == 'tpu'", False),
+        ("0.0.52", None, False),  # a jax that pins nothing: nothing to compare with
+    ],
+)
+def test_compiler_version_warns_when_libtpu_is_not_the_pinned_release(
+    monkeypatch, installed, pin, warned
+):
+    versions = {"libtpu": installed, "jax": "0.10.2", "jaxlib": "0.10.2"}
+    metadata = plan_lib.importlib.metadata
+    monkeypatch.setattr(metadata, "version", versions.__getitem__)
+    requires = ["jaxlib<=0.10.2,>=0.10.2", "requests; extra == 'tpu'"] + ([pin] if pin else [])
+    monkeypatch.setattr(metadata, "requires", lambda name: requires)
+    assert plan_lib.compiler_version("cpu") == ("jaxlib 0.10.2", None)
+    compiler, warning = plan_lib.compiler_version("tpu-v5e:2x4")
+    assert compiler == f"libtpu {installed}"
+    assert (warning is not None) == warned
+    if warned:
+        assert installed in warning and "jax[tpu]==0.10.2" in warning
+
+
 def test_plan_on_fake_cpu_devices_reports_memory_and_fits():
     args = ["--devices", "4", "--mesh.data", "1", "--mesh.fsdp", "4", "--seq-len", "64"]
     proc = _plan(*args, *TINY, "--device-memory", "1GiB", "--json")
@@ -33,6 +60,7 @@ def test_plan_on_fake_cpu_devices_reports_memory_and_fits():
     assert report["tokens_per_iteration"] == 64 * 64
     assert 0 < report["temp_bytes"] < report["peak_bytes_per_device"] < 2**30
     assert report["fits"] is True and report["compile_seconds"] > 0
+    assert report["compiler"].startswith("jaxlib ") and "compiler_warning" not in report
     # Old values + 2 epochs x (forward + backward) = 7 forward passes of 2 FLOPs a parameter, plus
     # attention; the compiler's count sees each loop body once, so it is lower.
     matmul_params = report["parameters"] - 32 * 32 - 2 * 32 - 32 - 1  # embedding, norms, bias
@@ -77,3 +105,4 @@ def test_plan_compiles_for_a_tpu_topology():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["device_kind"].startswith("TPU") and report["devices"] == 4
     assert report["device_memory"] == 16 * 2**30 and report["fits"] is True
+    assert report["compiler"].startswith("libtpu ")
