@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import os
 import re
 import time
@@ -40,19 +41,25 @@ _TARGET = re.compile(r"^tpu-(?P<chip>v[0-9]+[a-z]*):(?P<topology>[0-9]+(x[0-9]+)
 
 
 def parse_bytes(text: str) -> int:
-    """'80GiB', '16GB', '512MiB', '1e9' -> bytes.
+    """'80GiB', '16GB', '512MiB', '1e9' -> a positive number of bytes.
 
     Raises:
-      ValueError: on anything else.
+      ValueError: on anything else, including zero, a negative or an infinite size.
     """
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text)
-    if not m:
-        raise ValueError(f"Cannot read a memory size from {text!r}. Received: {text!r}")
-    number = float(m.group(1))
-    unit = m.group(2) or "B"
+    try:
+        number = float(m.group(1)) if m else math.nan
+    except ValueError:
+        number = math.nan
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
     scale.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
-    return int(number * scale[unit])
+    size = number * scale[(m and m.group(2)) or "B"]
+    if not (math.isfinite(size) and size >= 1):
+        raise ValueError(
+            f"Cannot read a memory size from {text!r}: a positive number of bytes with an "
+            f"optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 80GiB. Received: {text!r}"
+        )
+    return int(size)
 
 
 def compiler_version(target: str) -> tuple[str, str | None]:
@@ -111,9 +118,16 @@ def target_devices(target: str) -> tuple[list[Any], int | None]:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
-    topology = topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{m['chip']}:{m['topology']}"
-    )
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{m['chip']}:{m['topology']}"
+        )
+    except Exception as e:  # noqa: BLE001 - libtpu's own words on a chip or shape it lacks
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"libtpu cannot make the TPU topology of target {target!r} ({reason}); examples: "
+            f"tpu-v5e:2x4, tpu-v5p:2x2x2, tpu-v6e:2x4. Received: {target!r}"
+        ) from None
     return list(topology.devices), TPU_MEMORY.get(m["chip"])
 
 

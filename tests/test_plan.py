@@ -20,8 +20,11 @@ def test_parse_bytes():
     assert plan_lib.parse_bytes("80GiB") == 80 * 2**30
     assert plan_lib.parse_bytes("16GB") == 16 * 10**9
     assert plan_lib.parse_bytes("512") == 512
-    with pytest.raises(ValueError, match="memory size"):
-        plan_lib.parse_bytes("lots")
+    assert plan_lib.parse_bytes(" 0.5GiB ") == 2**29
+    # Nothing that is not a positive, finite size: no zero, sign, bare dot or exponent overflow.
+    for text in ("lots", "", "0", "0GiB", "0.5", "-1GiB", ".", "e", "1e999", "1e999GiB", "8 XB"):
+        with pytest.raises(ValueError, match="memory size"):
+            plan_lib.parse_bytes(text)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +90,7 @@ def test_plan_with_a_preset_keeps_single_field_overrides():
         (["--devices", "0"], "devices"),
         (["--devices", "3", "--mesh.fsdp", "2"], "mesh"),
         (["--device-memory", "lots"], "memory"),
+        (["--device-memory", "0"], "memory"),
     ],
 )
 def test_plan_bad_input_is_one_line(args, words):
@@ -94,6 +98,18 @@ def test_plan_bad_input_is_one_line(args, words):
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("critic-jax: error:")]
     assert len(err) == 1 and words in err[0].lower(), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("target", ["tpu-v9:2x2", "tpu-v5e:3x3"])
+def test_plan_topology_libtpu_rejects_is_one_line(target):
+    # A chip libtpu does not know, or a shape that does not tile its hosts: libtpu's reason in
+    # one line, no traceback.
+    pytest.importorskip("libtpu")
+    proc = _plan("--target", target, *TINY)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("critic-jax: error:")]
+    assert len(err) == 1 and target in err[0] and "topology" in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 
