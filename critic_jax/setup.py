@@ -10,10 +10,13 @@ donated), and `host_batch` / `held_out` (batches cast, checked and placed).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import json
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -225,6 +228,71 @@ def abstract_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, T
         rng=scalar((2,), np.uint32),
     )
     return graphdef, state
+
+
+def state_bytes(state: Any) -> dict[jax.Device, int]:
+    """Bytes of `state` (arrays or sharded `jax.ShapeDtypeStruct`s) that each device holds."""
+    held: collections.Counter = collections.Counter()
+    for leaf in jax.tree.leaves(state):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        for device in leaf.sharding.device_set:
+            held[device] += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return dict(held)
+
+
+def _memory_limit(device: jax.Device) -> int | None:
+    """An accelerator's memory in bytes as its runtime reports it, or None where it does not."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    return int(stats["bytes_limit"]) if stats.get("bytes_limit") else None
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_state_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """Refuses a run whose parameters and optimizer state alone exceed a device's memory, before
+    anything is allocated (`abstract_state`: shapes and shardings only).
+
+    The state is a lower bound of what a run needs (gradients, activations and the compiler's
+    temporaries come on top: `critic-jax plan` sizes those), so a run this refuses could never
+    start, and one it lets through may still not fit. Accelerators are compared with the
+    memory their runtime reports; CPU devices share this host's RAM, so their sum is compared
+    with it.
+
+    Raises:
+      ValueError: one line with the bytes needed, the memory there is and what to change.
+    """
+    _, state = abstract_state(config, mesh)
+    held = state_bytes(state)
+    local = [d for d in held if d.process_index == jax.process_index()]
+    if not local:
+        return
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    plan = "size the run first with `critic-jax plan` (the same flags)"
+    if local[0].platform == "cpu":
+        need, limit = sum(held[d] for d in local), _host_memory()
+        where = f"this host's {len(local)} CPU device(s) together"
+        fix = f"run it on accelerators (fake CPU devices share one host's memory), or {plan}"
+    else:
+        fix = f"split the state over more devices (--mesh.fsdp), or {plan}"
+        device = max(local, key=held.__getitem__)
+        need, limit = held[device], _memory_limit(device)
+        where = f"device {device.id} ({device.device_kind})"
+    if limit is not None and need > limit:
+        gib = 2**30
+        raise ValueError(
+            f"The parameters and optimizer state of this run ({params / 1e9:.2f} B parameters, "
+            f"{config.model.param_dtype} with the optimizer's moments) alone need "
+            f"{need / gib:.2f} GiB on {where}, which has {limit / gib:.2f} GiB: {fix}. "
+            f"Received: mesh {dict(mesh.shape)}, model.param_dtype={config.model.param_dtype}"
+        )
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from critic_jax.setup import (  # noqa: F401
     abstract_state,
     batch_keys,
     build_critic,
+    check_state_fits,
     config_of_workdir,
     default_loss_fn,
     held_out,
@@ -139,6 +140,8 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
             process_count=jax.process_count(),
             vocab_size=config.model.vocab_size,
         )
+        if hooks.build_model is None:  # the state's shapes are known before it is allocated
+            check_state_fits(config, mesh)
         graphdef, params = (hooks.build_model or build_critic)(config, mesh)
         signals.check()
         state = init_state(config, mesh, params)

@@ -73,6 +73,67 @@ def test_abstract_state_compiles_without_allocating(tmp_path):
     assert compiled.memory_analysis().temp_size_in_bytes > 0
 
 
+def test_state_bytes_count_parameters_and_both_moments_per_device(tmp_path):
+    from critic_jax import setup
+
+    cfg = _config(tmp_path)
+    mesh = parallel.make_mesh(cfg.mesh)
+    _, params = train_lib.build_critic(cfg, mesh)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    (held,) = setup.state_bytes(train_lib.abstract_state(cfg, mesh)[1]).values()
+    # float32 parameters, Adam's mu and nu; the counters, step, iteration and key are scalars.
+    assert 12 * n <= held <= 12 * n + 256
+    # Split 4 ways (fsdp): each device holds about a quarter; the small leaves stay whole.
+    split = dataclasses.replace(cfg, mesh=parallel.MeshConfig(data=1, fsdp=4, num_devices=4))
+    mesh4 = parallel.make_mesh(split.mesh)
+    held4 = setup.state_bytes(train_lib.abstract_state(split, mesh4)[1])
+    assert len(held4) == 4 and all(3 * n <= b < 4 * n for b in held4.values()), (n, held4)
+
+
+def test_a_state_larger_than_the_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    from critic_jax import setup
+
+    built = []
+    monkeypatch.setattr(setup, "_host_memory", lambda: 10_000)  # 10 kB of RAM
+    monkeypatch.setattr(train_lib, "build_critic", lambda *a: built.append(1))
+    with pytest.raises(
+        ValueError, match=r"alone need .* GiB .*which has 0\.00 GiB.*critic-jax plan"
+    ):
+        train_lib.run(_config(tmp_path))
+    assert not built  # refused from the shapes alone
+    mesh = parallel.make_mesh(_config(tmp_path).mesh)
+    monkeypatch.setattr(setup, "_host_memory", lambda: None)  # unknown: nothing refused
+    setup.check_state_fits(_config(tmp_path), mesh)
+    monkeypatch.setattr(setup, "_host_memory", lambda: 2**40)
+    setup.check_state_fits(_config(tmp_path), mesh)
+
+
+class _FakeAccelerator:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        if isinstance(self.stats, Exception):
+            raise self.stats
+        return self.stats
+
+
+@pytest.mark.parametrize(
+    "stats, limit",
+    [
+        ({"bytes_limit": 80 * 2**30, "bytes_in_use": 5}, 80 * 2**30),
+        ({"bytes_in_use": 5}, None),  # no limit reported
+        ({"bytes_limit": 0}, None),
+        (None, None),  # a backend without statistics
+        (RuntimeError("unimplemented"), None),
+    ],
+)
+def test_an_accelerators_memory_is_what_its_runtime_reports(stats, limit):
+    from critic_jax import setup
+
+    assert setup._memory_limit(_FakeAccelerator(stats)) == limit
+
+
 def test_init_from_a_hugging_face_checkpoint(tmp_path):
     from critic_jax.models import Critic, critic_to_hf
 
