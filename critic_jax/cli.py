@@ -253,6 +253,14 @@ _PLAN_HELP = """plan options (besides every `critic-jax train` option below):
 """
 
 
+def _count(n: int) -> str:
+    """A count to three digits: 13400 -> '13.4 k', 494032768 -> '494 M', 7504928769 -> '7.5 B'."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= 0.9995 * scale:  # 999_999 is '1 M', not '1e+03 k'
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
 def _plan(args: list[str]) -> int:
     opts, rest = _pop_options(args, _PLAN_OPTIONS)
     if "-h" in rest or "--help" in rest:
@@ -287,7 +295,7 @@ def _plan(args: list[str]) -> int:
     gib = 2**30
     print(
         f"plan: {report['target']} ({report['device_kind']}), {report['devices']} devices, "
-        f"mesh {report['mesh']}, {report['parameters'] / 1e9:.3g}B parameters, "
+        f"mesh {report['mesh']}, {_count(report['parameters'])} parameters, "
         f"T = {report['seq_len']}, {report['tokens_per_iteration']} tokens per iteration, "
         f"compiled by {report['compiler']}"
     )

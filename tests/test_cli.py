@@ -115,3 +115,12 @@ def test_make_rollouts_then_train_on_them(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _one_line_error(_run("make-rollouts", "--rows", "0"), "rows")
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(7, "7"), (13_400, "13.4 k"), (999_499, "999 k"), (999_999, "1 M"), (494_032_768, "494 M")]
+    + [(7_504_928_769, "7.5 B"), (70_553_706_496, "70.6 B")],
+)
+def test_counts_print_to_three_digits(n, text):
+    assert cli._count(n) == text
