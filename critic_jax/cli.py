@@ -122,8 +122,8 @@ def _pop_options(args: list[str], options: dict[str, type]) -> tuple[dict[str, s
             elif value:
                 found[key] = value
             else:
-                if i + 1 >= len(args):
-                    raise ValueError(f"{name} needs a value. Received: {name}")
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ValueError(f"{name} needs a value. Received: {' '.join(args[i : i + 2])}")
                 found[key] = args[i + 1]
                 i += 1
         else:
@@ -273,6 +273,10 @@ def _plan(args: list[str]) -> int:
         raise ValueError(f"--devices and --seq-len take integers. Received: {opts}") from e
     if devices is not None and devices < 1:
         raise ValueError(f"--devices must be >= 1. Received: {devices}")
+    flag = opts.get("json", "false").lower()
+    if flag not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(f"--json takes no value, or true / false. Received: --json={flag}")
+    as_json = flag in ("true", "1", "yes")
     # Compile-only TPU devices come from libtpu's own client: no backend but the CPU is needed.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if target == "cpu":
@@ -289,7 +293,7 @@ def _plan(args: list[str]) -> int:
     if seq_len is None:
         seq_len = cfg.data.max_len or cfg.data.mrp.seq_len
     report = plan_lib.plan(cfg, seq_len=seq_len, target=target, device_memory=memory)
-    if opts.get("json", "false").lower() in ("true", "1", "yes", ""):
+    if as_json:
         print(json.dumps(report))
         return 0
     gib = 2**30

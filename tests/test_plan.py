@@ -91,6 +91,9 @@ def test_plan_with_a_preset_keeps_single_field_overrides():
         (["--devices", "3", "--mesh.fsdp", "2"], "mesh"),
         (["--device-memory", "lots"], "memory"),
         (["--device-memory", "0"], "memory"),
+        (["--seq-len"], "needs a value"),  # not the next flag taken as its value
+        (["--target"], "needs a value"),
+        (["--json=maybe"], "json"),
     ],
 )
 def test_plan_bad_input_is_one_line(args, words):
