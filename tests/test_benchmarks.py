@@ -56,6 +56,18 @@ def test_bench_train_step_writes_every_row(tmp_path):
             assert value > 0 and math.isfinite(value), (name, key, value)
 
 
+def test_bench_load_measures_both_ways(tmp_path):
+    _run("bench_load.py", "--layers", "1", "--vocab", "512", "--results", str(tmp_path))
+    with open(tmp_path / "bench_load.csv") as f:
+        rows = {r["way"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"sliced", "whole"}
+    for r in rows.values():
+        model = float(r["model_mib"])
+        assert int(r["devices_holding_the_embedding"]) == 8
+        # The devices' buffers are host memory on a CPU: the model is resident after the load.
+        assert float(r["peak_above_start_mib"]) >= float(r["resident_after_mib"]) >= 0.9 * model
+
+
 def test_bench_packing_writes_both_layouts(tmp_path):
     _run(
         "bench_packing.py",
