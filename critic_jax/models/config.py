@@ -8,6 +8,8 @@ implementations, value heads), each checked when a config is built.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +80,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Qwen/Qwen2.5-7B
     "qwen2.5-7b": _shape((152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, 131072, True, False)),
 }
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, string or None) that is neither NaN nor infinite."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,10 +215,11 @@ class ModelConfig:
             )
         for name in ("rms_norm_eps", "rope_theta", "rope_factor", "init_std", "value_sigma_ratio"):
             value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"model.{name} must be positive. Received: {value!r}")
+            if not (_finite(value) and value > 0):
+                raise ValueError(f"model.{name} must be positive and finite. Received: {value!r}")
         if self.rope_scaling == "llama3" and not (
-            0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            _finite(self.rope_high_freq_factor)
+            and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
         ):
             raise ValueError(
                 "model.rope_low_freq_factor must be positive and below rope_high_freq_factor. "
@@ -219,6 +229,11 @@ class ModelConfig:
             if not isinstance(self.value_bins, int) or self.value_bins < 2:
                 raise ValueError(
                     f"model.value_bins must be an integer >= 2. Received: {self.value_bins!r}"
+                )
+            if not (_finite(self.value_min) and _finite(self.value_max)):
+                raise ValueError(
+                    "model.value_min and model.value_max must be finite. "
+                    f"Received: value_min={self.value_min!r}, value_max={self.value_max!r}"
                 )
             if not self.value_min < self.value_max:
                 raise ValueError(

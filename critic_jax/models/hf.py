@@ -144,6 +144,36 @@ def _hf_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- safetensors
 
 
+def _check_header_entry(path: Path, name: str, info: Any) -> None:
+    """One tensor's header entry: a string dtype, a shape of non-negative integers, and two
+    integer data offsets 0 <= begin <= end."""
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(info, dict):
+        problem = "is not an object"
+    elif not isinstance(info.get("dtype"), str):
+        problem = "has no dtype name"
+    elif not isinstance(info.get("shape"), list) or not all(
+        is_int(n) and n >= 0 for n in info["shape"]
+    ):
+        problem = "has no shape of non-negative integers"
+    elif (
+        not isinstance(info.get("data_offsets"), list)
+        or len(info["data_offsets"]) != 2
+        or not all(is_int(n) for n in info["data_offsets"])
+        or not 0 <= info["data_offsets"][0] <= info["data_offsets"][1]
+    ):
+        problem = "has no data_offsets [begin, end] with 0 <= begin <= end"
+    else:
+        return
+    raise ValueError(
+        f"Corrupt safetensors header in {path}: the entry of tensor {name!r} {problem}. "
+        f"Received: {info!r}"[:2000]
+    )
+
+
 class _SafetensorsFile:
     """The header of one .safetensors file, validated, and reads of row ranges of its tensors.
 
@@ -165,11 +195,12 @@ class _SafetensorsFile:
                 if header_len > size - 8:
                     raise ValueError(f"its header length {header_len} exceeds the file")
                 header = json.loads(f.read(header_len))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+            reason = "its header is nested too deeply" if isinstance(e, RecursionError) else e
             raise ValueError(
-                f"Cannot read safetensors file {path}: {e} (empty, truncated or not "
+                f"Cannot read safetensors file {path}: {reason} (empty, truncated or not "
                 f"safetensors). Received: {path}"
-            ) from e
+            ) from None
         if not isinstance(header, dict):
             raise ValueError(f"Corrupt safetensors header in {path}. Received: {type(header)}")
         self.data_offset = 8 + header_len
@@ -178,6 +209,7 @@ class _SafetensorsFile:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            _check_header_entry(path, name, info)
             begin, end = info["data_offsets"]
             if end > data_size:
                 raise ValueError(
@@ -185,6 +217,14 @@ class _SafetensorsFile:
                     f"of the data, which has {data_size}. Received: {size} bytes"
                 )
             self.tensors[name] = info
+        # Tensors own disjoint byte ranges: two sharing bytes would be the same weights twice.
+        spans = sorted((info["data_offsets"], name) for name, info in self.tensors.items())
+        for ((_, end), first), ((begin, _), second) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise ValueError(
+                    f"Corrupt safetensors header in {path}: tensors {first!r} and {second!r} "
+                    f"share bytes. Received: data_offsets ending at {end}, starting at {begin}"
+                )
 
     def dtype(self, name: str) -> np.dtype:
         """The numpy dtype of a floating-point tensor.
@@ -240,7 +280,8 @@ class _SafetensorsFile:
                 x = np.frombuffer(raw, dtype).reshape((count, *row_shape) if shape else ())
                 if shape and index:
                     x = x[(slice(None), *index[1:])]
-                parts.append(np.array(x, np.float32))
+                with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
+                    parts.append(np.array(x, np.float32))
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if not np.isfinite(x).all():
             raise ValueError(
@@ -252,17 +293,41 @@ class _SafetensorsFile:
 
 
 def _open_checkpoint(path: Path) -> dict[str, _SafetensorsFile]:
-    """Tensor name -> the file holding it, for one file or a sharded index."""
+    """Tensor name -> the file holding it, for one file or a sharded index.
+
+    Raises:
+      ValueError: naming the file, on an unreadable index or shard, a tensor stored in two
+        shards, or one stored in another shard than the index says.
+    """
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"Cannot read {index}: {e!r}. Received: {index}") from e
-        files = {name: _SafetensorsFile(path / name) for name in sorted(set(weight_map.values()))}
-        out = {}
-        for file in files.values():
-            out.update({name: file for name in file.tensors})
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else repr(e)
+            raise ValueError(f"Cannot read {index}: {reason}. Received: {index}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+        ):
+            raise ValueError(
+                f"{index}: weight_map must map tensor names to shard file names in {path}. "
+                f"Received: {str(weight_map)[:300]}"
+            )
+        out: dict[str, _SafetensorsFile] = {}
+        for shard in sorted(set(weight_map.values())):
+            file = _SafetensorsFile(path / shard)
+            for name in file.tensors:
+                if name in out:
+                    raise ValueError(
+                        f"Tensor {name!r} is stored twice, in {out[name].path} and {file.path}. "
+                        f"Received: {index}"
+                    )
+                if weight_map.get(name, shard) != shard:
+                    raise ValueError(
+                        f"Tensor {name!r} is in {file.path}, but {index} puts it in "
+                        f"{weight_map[name]}. Received: {index}"
+                    )
+                out[name] = file
         return out
     single = path / "model.safetensors"
     if single.exists():
@@ -388,6 +453,7 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
 def _load_into(
     model: Critic | ActorCritic,
     path: Path,
+    files: dict[str, _SafetensorsFile],
     entries: dict[str, _Entry],
     fixed: dict[tuple[str, ...], np.ndarray],
     *,
@@ -396,7 +462,6 @@ def _load_into(
 ) -> None:
     """Sets every parameter of the abstract `model`: from the file through `entries`, or from
     `fixed` (fresh heads); placed by `shardings` when given, each device reading its slice."""
-    files = _open_checkpoint(path)
     missing = sorted(set(entries) - set(files))
     if missing:
         raise ValueError(
@@ -417,8 +482,8 @@ def _load_into(
         shape = files[name].shape(name)
         if shape != entry.hf_shape:
             raise ValueError(
-                f"Shape mismatch for tensor {name!r}: expected {entry.hf_shape} from config.json, "
-                f"got {shape}. Received: {shape}"
+                f"Shape mismatch for tensor {name!r} in {files[name].path}: expected "
+                f"{entry.hf_shape} from config.json, got {shape}. Received: {shape}"
             )
         by_key.setdefault(entry.key, {})[entry.layer] = (name, entry)
 
@@ -452,17 +517,41 @@ def _load_into(
     nnx.update(model, values)
 
 
-def _prepare(path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Path, ModelConfig, str]:
+def _prepare(
+    path: str | os.PathLike, overrides: dict[str, Any]
+) -> tuple[Path, ModelConfig, str, dict[str, _SafetensorsFile]]:
+    """(the directory, its config, the head of its architecture, tensor name -> file)."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(
+            "A Hugging Face checkpoint is a directory with config.json and safetensors. "
+            f"Received: {str(path)!r} ({'a file' if path.exists() else 'no such path'})"
+        )
     hf_config, config_path = read_config_json(path)
-    _, head = split_architecture(hf_config)
+    _, head = split_architecture(hf_config, str(config_path))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = config_from_hf(config_path, **overrides)
+    files = _open_checkpoint(path)
+    # Layers the config claims but the file lacks are reported before anything is built per
+    # layer (a config claiming 10^9 layers must not cost 10^9 of anything); extra ones are
+    # named as unexpected tensors later.
+    stored = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if config.num_layers > len(stored):
+        absent = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in files]
+        absent.append(f"model.layers.{min(set(range(len(stored) + 1)) - stored)}.*")
+        raise ValueError(
+            f"Missing tensors in {path}: {', '.join(absent)} ({config_path} has "
+            f"num_hidden_layers={config.num_layers}, the safetensors hold {len(stored)} layers). "
+            f"Received: {len(files)} tensors"
+        )
     if head != "ForCausalLM":
-        num_labels = len(hf_config["id2label"]) if "id2label" in hf_config else None
+        labels = hf_config.get("id2label")
+        if labels is not None and not isinstance(labels, dict):
+            raise ValueError(f"{config_path}: id2label must be an object. Received: {labels!r}")
+        num_labels = len(labels) if labels is not None else None
         num_labels = hf_config.get("num_labels", num_labels)
         want = config.value_bins if config.value_head == "hl-gauss" else 1
-        if num_labels != want:
+        if num_labels != want or isinstance(num_labels, bool):
             raise ValueError(
                 f"A critic with the {config.value_head} value head needs a {head[3:]} head "
                 f"with num_labels={want}. Received: num_labels={num_labels}"
@@ -472,7 +561,7 @@ def _prepare(path: str | os.PathLike, overrides: dict[str, Any]) -> tuple[Path, 
                 "A reward model's score head loads into the scalar value head only. "
                 f"Received: value_head={config.value_head!r}"
             )
-    return path, config, head
+    return path, config, head, files
 
 
 def _fresh_head(config: ModelConfig, rngs: nnx.Rngs | None) -> dict[tuple[str, ...], np.ndarray]:
@@ -521,7 +610,7 @@ def critic_from_hf(
         shape disagrees with `config.json`, integer / quantised or non-finite weights, or an
         empty or truncated safetensors file.
     """
-    path, config, head = _prepare(
+    path, config, head, files = _prepare(
         path,
         dict(
             dtype=dtype,
@@ -543,7 +632,7 @@ def critic_from_hf(
         entries.update(_score_entries(config, bias=head == "ForTokenClassification"))
         if head == "ForSequenceClassification":
             fixed[("head", "proj", "bias")] = np.zeros((1,), np.float32)
-    _load_into(critic, path, entries, fixed, ignore=ignore, shardings=shardings)
+    _load_into(critic, path, files, entries, fixed, ignore=ignore, shardings=shardings)
     return critic
 
 
@@ -567,7 +656,7 @@ def actor_critic_from_hf(
     Raises:
       ValueError: if the checkpoint is not a causal LM, and as `critic_from_hf`.
     """
-    path, config, head = _prepare(
+    path, config, head, files = _prepare(
         path,
         dict(
             dtype=dtype,
@@ -591,7 +680,8 @@ def actor_critic_from_hf(
         ignore.add("lm_head.weight")  # Some tied checkpoints store the copy as well.
     else:
         entries["lm_head.weight"] = _lm_head_entry(config)
-    _load_into(model, path, entries, _fresh_head(config, rngs), ignore=ignore, shardings=shardings)
+    fresh = _fresh_head(config, rngs)
+    _load_into(model, path, files, entries, fresh, ignore=ignore, shardings=shardings)
     return model
 
 

@@ -7,6 +7,7 @@ it, and it imports neither.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,35 +31,62 @@ VALUE_HEAD_FIELDS = ("value_head", "value_bins", "value_min", "value_max", "valu
 # ----------------------------------------------------------------------------- config.json
 
 
-def split_architecture(hf_config: dict[str, Any]) -> tuple[str, str]:
+def split_architecture(hf_config: dict[str, Any], where: str = "config.json") -> tuple[str, str]:
     archs = hf_config.get("architectures") or []
-    if isinstance(archs, list) and len(archs) > 1:
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ValueError(
-            f"config.json lists several architectures; a checkpoint for one of "
+            f"{where}: architectures must be a list of names such as "
+            f"['LlamaForCausalLM']. Received: {archs!r}"
+        )
+    if len(archs) > 1:
+        raise ValueError(
+            f"{where} lists several architectures; a checkpoint for one of "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} lists exactly one. Received: {archs}"
         )
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"Unsupported architecture {arch!r} in config.json; supported: "
+            f"Unsupported architecture {arch!r} in {where}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}. Received: {archs}"
         )
     family = next(f for f in FAMILIES if arch.startswith(f) and arch[len(f) :] in HEADS)
     return family, arch[len(family) :]
 
 
-def _rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
+def _number(where: str, key: str, value: Any, *, integer: bool = False) -> float | int:
+    """`value` of `key` as a positive finite number (an integer when `integer`).
+
+    JSON's true / false, strings, lists, null, NaN and Infinity are refused, not converted.
+    """
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and not integer
+    if not ok or value <= 0:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ValueError(f"{where}: {key} must be {kind}. Received: {value!r}")
+    return value
+
+
+def _rope_parameters(hf_config: dict[str, Any], where: str) -> dict[str, Any]:
     # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older versions write
     # `rope_theta` and an optional `rope_scaling` dict.
     params, legacy = hf_config.get("rope_parameters"), hf_config.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", legacy)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{where}: {key} must be an object or null. Received: {value!r}")
+        for name in ("rope_type", "type"):
+            if name in (value or {}) and not isinstance(value[name], str):
+                raise ValueError(
+                    f"{where}: {key}.{name} must be a rope type name. Received: {value[name]!r}"
+                )
     if params and legacy:  # both written: they must agree, or which one applies is unknown
 
         def kind(r):
-            return r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else r
+            return r.get("rope_type", r.get("type", "default"))
 
         if kind(params) != kind(legacy):
             raise ValueError(
-                f"config.json's rope_parameters and rope_scaling disagree on the rope type "
+                f"{where}'s rope_parameters and rope_scaling disagree on the rope type "
                 f"({kind(params)!r} vs {kind(legacy)!r}). Received: rope_parameters={params}, "
                 f"rope_scaling={legacy}"
             )
@@ -73,9 +101,10 @@ def read_config_json(source: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     if path.is_dir():
         path = path / "config.json"
     try:
-        hf_config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Cannot read {path}: {e}. Received: {str(source)!r}") from e
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ValueError(f"Cannot read {path}: {reason}. Received: {str(source)!r}") from None
     if not isinstance(hf_config, dict):
         raise ValueError(f"{path} does not hold a JSON object. Received: {type(hf_config)}")
     return hf_config, path
@@ -97,7 +126,7 @@ def model_fields(hf_config: dict[str, Any] | str | os.PathLike) -> tuple[dict[st
     if not isinstance(hf_config, dict):
         hf_config, path = read_config_json(hf_config)
         where = str(path)
-    family, _ = split_architecture(hf_config)
+    family, _ = split_architecture(hf_config, where)
     for key in _REQUIRED_KEYS:
         if key not in hf_config:
             raise ValueError(
@@ -108,30 +137,50 @@ def model_fields(hf_config: dict[str, Any] | str | os.PathLike) -> tuple[dict[st
         value = hf_config.get(key)
         if key in ("num_key_value_heads", "head_dim") and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {key} must be a positive integer. Received: {value!r}")
-    rope = _rope_parameters(hf_config)
+        _number(where, key, value, integer=True)
+    rope = _rope_parameters(hf_config, where)
     if rope["rope_type"] not in _ROPE_TYPES:
         raise ValueError(
-            f"Unsupported rope type {rope['rope_type']!r}; supported: "
+            f"Unsupported rope type {rope['rope_type']!r} in {where}; supported: "
             f"{', '.join(_ROPE_TYPES)}. Received: {rope}"
         )
     act = hf_config.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"Unsupported hidden_act {act!r}; only 'silu'. Received: {act!r}")
+        raise ValueError(
+            f"Unsupported hidden_act {act!r} in {where}; only 'silu'. Received: {act!r}"
+        )
     if family == "Llama":
         for key in ("attention_bias", "mlp_bias"):
-            if hf_config.get(key):
-                raise ValueError(f"Unsupported Llama option {key}=true. Received: {key}=true")
-    if family == "Qwen2" and hf_config.get("use_sliding_window"):
+            if hf_config.get(key) not in (None, False):
+                raise ValueError(
+                    f"Unsupported Llama option {key} in {where} (only false). "
+                    f"Received: {key}={hf_config.get(key)!r}"
+                )
+    if family == "Qwen2" and hf_config.get("use_sliding_window") not in (None, False):
         raise ValueError(
-            "Unsupported Qwen2 option use_sliding_window=true (only full attention). "
-            f"Received: sliding_window={hf_config.get('sliding_window')}"
+            f"Unsupported Qwen2 option use_sliding_window in {where} (only full attention). "
+            f"Received: use_sliding_window={hf_config.get('use_sliding_window')!r}, "
+            f"sliding_window={hf_config.get('sliding_window')!r}"
         )
+    tie = hf_config.get("tie_word_embeddings", False)
+    if tie is not None and not isinstance(tie, bool):
+        raise ValueError(f"{where}: tie_word_embeddings must be true or false. Received: {tie!r}")
+
+    def number(key: str, default: float) -> float:
+        # Absent: the default; present, it must be valid (null included: transformers would
+        # keep the null and fail in the model).
+        return float(_number(where, key, hf_config[key])) if key in hf_config else default
+
     heads = hf_config["num_attention_heads"]
     d_model = hf_config["hidden_size"]
     scaling = _ROPE_TYPES[rope["rope_type"]]
     max_position = hf_config.get("max_position_embeddings", 8192)
+    max_position = _number(where, "max_position_embeddings", max_position, integer=True)
+    factor = 1.0
+    if scaling != "none":
+        if "factor" not in rope:
+            raise ValueError(f"{where}: the {scaling} rope has no 'factor'. Received: {rope}")
+        factor = float(_number(where, "rope factor", rope["factor"]))
     fields = dict(
         vocab_size=hf_config["vocab_size"],
         d_model=d_model,
@@ -140,14 +189,14 @@ def model_fields(hf_config: dict[str, Any] | str | os.PathLike) -> tuple[dict[st
         num_kv_heads=hf_config.get("num_key_value_heads") or heads,
         head_dim=hf_config.get("head_dim") or d_model // heads,
         mlp_dim=hf_config["intermediate_size"],
-        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope["rope_theta"]),
+        rms_norm_eps=number("rms_norm_eps", 1e-6),
+        rope_theta=float(_number(where, "rope_theta", rope["rope_theta"])),
         rope_scaling=scaling,
-        rope_factor=float(rope.get("factor", 1.0)) if scaling != "none" else 1.0,
+        rope_factor=factor,
         qkv_bias=family == "Qwen2",
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(tie),
         rope_original_max_position=int(max_position),
-        init_std=float(hf_config.get("initializer_range", 0.02)),
+        init_std=number("initializer_range", 0.02),
     )
     if scaling == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
@@ -155,11 +204,18 @@ def model_fields(hf_config: dict[str, Any] | str | os.PathLike) -> tuple[dict[st
                 raise ValueError(
                     f"{where}: the llama3 rope scaling has no {key!r}. Received: {rope}"
                 )
+        original = rope["original_max_position_embeddings"]
         fields.update(
-            rope_low_freq_factor=float(rope["low_freq_factor"]),
-            rope_high_freq_factor=float(rope["high_freq_factor"]),
-            rope_original_max_position=int(rope["original_max_position_embeddings"]),
+            rope_low_freq_factor=float(_number(where, "low_freq_factor", rope["low_freq_factor"])),
+            rope_high_freq_factor=float(
+                _number(where, "high_freq_factor", rope["high_freq_factor"])
+            ),
+            rope_original_max_position=int(
+                _number(where, "original_max_position_embeddings", original, integer=True)
+            ),
         )
     own = hf_config.get(OWN_KEY) or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"{where}: {OWN_KEY} must be an object. Received: {own!r}")
     fields.update({k: own[k] for k in VALUE_HEAD_FIELDS if k in own})
     return fields, where
