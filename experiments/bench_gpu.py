@@ -3,6 +3,8 @@ attention against the XLA path. A prepared script of a few minutes for a lent H1
 
     python experiments/bench_gpu.py                       # Llama-3.2-1B shape, T = 4096, bf16
     python experiments/bench_gpu.py --preset qwen2.5-0.5b --seq-len 8192 --steps 4
+    python experiments/bench_gpu.py --attention xla --preset default --layers 1 --seq-len 64 \
+        --batch 2 --steps 1                                # a smoke test on any backend
 
 It builds the trainer's own update (`train.make_trainer`: old values, GAE, epochs x minibatches,
 AdamW, the state donated) for the preset at `--seq-len`, bf16 compute with float32 master
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import jax
@@ -65,7 +68,9 @@ def attention_agreement(seq_len: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="llama3.2-1b")
+    parser.add_argument(
+        "--preset", default="llama3.2-1b", help="a model preset, or 'default' (the tiny CLI model)"
+    )
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4, help="rows per update (one minibatch)")
     parser.add_argument("--steps", type=int, default=5)
@@ -75,8 +80,15 @@ def main() -> None:
     args = parser.parse_args()
 
     device = jax.devices()[0]
+    if args.attention == "cudnn" and device.platform != "gpu":
+        sys.exit(
+            f"bench_gpu: the cuDNN attention needs an NVIDIA GPU; this backend is "
+            f"{device.platform}. A smoke test elsewhere: --attention xla --preset default "
+            "--layers 1 --seq-len 64 --batch 2 --steps 1"
+        )
+    base = ModelConfig() if args.preset == "default" else with_preset(ModelConfig(), args.preset)
     model = dataclasses.replace(
-        with_preset(ModelConfig(), args.preset),
+        base,
         dtype="bfloat16",
         param_dtype="float32",
         remat=args.remat,

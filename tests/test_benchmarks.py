@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at tiny shapes and write complete, finite tables."""
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -84,3 +85,27 @@ def test_bench_packing_writes_both_layouts(tmp_path):
         value = float(r["real_tokens_per_s"])
         assert value > 0 and math.isfinite(value), (name, value)
     assert "padding_fraction" in (tmp_path / "bench_packing.md").read_text()
+
+
+def test_bench_gpu_runs_end_to_end_off_a_gpu():
+    # The GPU script's set-up, update, timing and report, with the XLA attention at a tiny
+    # shape, so that a lent GPU's few minutes are not spent on a broken script.
+    out = _run(
+        "bench_gpu.py",
+        *("--attention", "xla", "--preset", "default", "--layers", "1"),
+        *("--seq-len", "64", "--batch", "2", "--steps", "1"),
+    )
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["tokens_per_second"] > 0 and math.isfinite(report["loss"]), report
+    assert report["mfu"] is None  # no bf16 peak is known for a CPU
+    # The default cuDNN attention refuses a backend without it, in one line.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "bench_gpu.py")],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "needs an NVIDIA GPU" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
