@@ -67,6 +67,7 @@ def score(
     if workdir is None and config.init_from is None:
         raise ValueError("score needs a trained critic: a workdir or init_from. Received: none")
     mesh = parallel.make_mesh(config.mesh)
+    train_lib.check_attention(train_lib.resolve_config(config), mesh)
     graphdef, params = _critic_params(config, mesh, workdir)
     model = train_lib.resolve_config(config).model
     data = config.data

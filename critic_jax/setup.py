@@ -230,6 +230,30 @@ def abstract_state(config: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, T
     return graphdef, state
 
 
+# Attention implementations that run on one kind of device only.
+_ATTENTION_PLATFORMS = {
+    "cudnn": ("gpu", "cuDNN flash attention, NVIDIA GPUs"),
+    "splash": ("tpu", "Pallas splash attention, TPUs"),
+}
+
+
+def check_attention(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """Refuses an attention implementation the mesh's devices cannot run (`cudnn` off a GPU,
+    `splash` off a TPU), in one line, before anything is traced.
+
+    Raises:
+      ValueError: naming the implementation, the devices and what runs there.
+    """
+    impl = config.model.attention
+    platform = mesh.devices.flat[0].platform
+    if impl in _ATTENTION_PLATFORMS and _ATTENTION_PLATFORMS[impl][0] != platform:
+        _, what = _ATTENTION_PLATFORMS[impl]
+        raise ValueError(
+            f"model.attention={impl!r} ({what}) cannot run on this run's {platform} devices; "
+            f"use auto (the fastest one there), xla or xla-flash. Received: {impl!r} on {platform}"
+        )
+
+
 def state_bytes(state: Any) -> dict[jax.Device, int]:
     """Bytes of `state` (arrays or sharded `jax.ShapeDtypeStruct`s) that each device holds."""
     held: collections.Counter = collections.Counter()

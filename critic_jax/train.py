@@ -37,6 +37,7 @@ from critic_jax.setup import (  # noqa: F401
     abstract_state,
     batch_keys,
     build_critic,
+    check_attention,
     check_state_fits,
     config_of_workdir,
     default_loss_fn,
@@ -131,6 +132,7 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
         config = resolve_config(config)
         mesh = parallel.make_mesh(config.mesh)
         config.check_mesh(mesh.size, jax.process_count())
+        check_attention(config, mesh)
         # The data first: a bad rollout file is reported before minutes of model set-up.
         iterator = data_lib.make_rollout_iterator(
             config.data,

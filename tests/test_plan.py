@@ -94,6 +94,8 @@ def test_plan_with_a_preset_keeps_single_field_overrides():
         (["--seq-len"], "needs a value"),  # not the next flag taken as its value
         (["--target"], "needs a value"),
         (["--json=maybe"], "json"),
+        (["--model.attention", "splash"], "splash"),  # a TPU kernel, planned for the CPU
+        (["--model.attention", "cudnn", "--model.dtype", "bfloat16"], "cudnn"),
     ],
 )
 def test_plan_bad_input_is_one_line(args, words):

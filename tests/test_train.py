@@ -134,6 +134,15 @@ def test_an_accelerators_memory_is_what_its_runtime_reports(stats, limit):
     assert setup._memory_limit(_FakeAccelerator(stats)) == limit
 
 
+@pytest.mark.parametrize("attention", ["cudnn", "splash"])
+def test_an_attention_kernel_of_another_device_is_refused_up_front(tmp_path, attention):
+    cfg = _config(tmp_path)
+    model = dataclasses.replace(cfg.model, attention=attention, dtype="bfloat16")
+    with pytest.raises(ValueError, match=f"model.attention='{attention}'.*cpu devices"):
+        train_lib.run(dataclasses.replace(cfg, model=model))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_init_from_a_hugging_face_checkpoint(tmp_path):
     from critic_jax.models import Critic, critic_to_hf
 
