@@ -5,7 +5,10 @@ experiments and the benchmarks call on their own: `resolve_config` (the architec
 `init_from`), `build_critic` (parameters created or loaded straight into their shardings),
 `init_state` / `abstract_state` (the `TrainState`, real or as `jax.ShapeDtypeStruct`s),
 `make_trainer` (the update and the evaluation jitted once, with shardings and the state
-donated), and `host_batch` / `held_out` (batches cast, checked and placed).
+donated), `host_batch` / `held_out` (batches cast, checked and placed), and the checks a run
+makes before it allocates anything: `check_state_fits` (the parameters and optimizer state,
+`state_bytes`, against the devices' memory) and `check_attention` (the attention kernel against
+the devices).
 """
 
 from __future__ import annotations
