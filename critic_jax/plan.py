@@ -197,6 +197,7 @@ def plan(
         config = dataclasses.replace(config, model=model)
     config = train_lib.resolve_config(config)
     train_lib.check_attention(config, mesh)
+    train_lib.check_param_dtype(config)
     t0 = time.perf_counter()
     graphdef, state = train_lib.abstract_state(config, mesh)
     trainer = train_lib.make_trainer(config, mesh, graphdef, state)

@@ -257,6 +257,24 @@ def check_attention(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def check_param_dtype(config: TrainConfig) -> None:
+    """Refuses training float16 parameters: AdamW keeps its moments in the parameters' dtype,
+    and float16 holds neither the squared gradients nor `optim.eps`, so every update would be
+    non-finite and skipped. (float16 parameters still serve `score` and evaluation.)
+
+    Raises:
+      ValueError: one line with what to use instead.
+    """
+    if config.model.param_dtype == "float16":
+        raise ValueError(
+            "model.param_dtype='float16' cannot be trained: AdamW's moments are kept in the "
+            f"parameters' dtype and float16 holds neither squared gradients nor optim.eps="
+            f"{config.optim.eps:g}, so every update is non-finite and skipped. Keep float32 "
+            "master parameters (with --model.dtype float16 or bfloat16 compute) or use "
+            "bfloat16. Received: model.param_dtype='float16'"
+        )
+
+
 def state_bytes(state: Any) -> dict[jax.Device, int]:
     """Bytes of `state` (arrays or sharded `jax.ShapeDtypeStruct`s) that each device holds."""
     held: collections.Counter = collections.Counter()

@@ -38,6 +38,7 @@ from critic_jax.setup import (  # noqa: F401
     batch_keys,
     build_critic,
     check_attention,
+    check_param_dtype,
     check_state_fits,
     config_of_workdir,
     default_loss_fn,
@@ -133,6 +134,7 @@ def run(config: TrainConfig, hooks: Hooks = Hooks()) -> dict[str, Any]:
         mesh = parallel.make_mesh(config.mesh)
         config.check_mesh(mesh.size, jax.process_count())
         check_attention(config, mesh)
+        check_param_dtype(config)
         # The data first: a bad rollout file is reported before minutes of model set-up.
         iterator = data_lib.make_rollout_iterator(
             config.data,

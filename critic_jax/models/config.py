@@ -122,7 +122,8 @@ class ModelConfig:
       tie_embeddings: the LM head reuses the token embedding (only `ActorCritic` has an LM head).
       dtype: compute dtype, one of "float32", "bfloat16", "float16".
       param_dtype: storage dtype of the parameters, same choices ("float32" master weights with
-        "bfloat16" compute is the mixed-precision setting).
+        "bfloat16" compute is the mixed-precision setting). Training refuses "float16" (AdamW's
+        moments take this dtype, and float16 cannot hold them); it still serves evaluation.
       remat: what the backward pass keeps of each block: "none" (everything), "full" (only the
         block's input; the rest is recomputed), "dots" (the outputs of the weight matmuls:
         projections and MLP; attention and elementwise ops are recomputed), "attention-out" (the
