@@ -35,6 +35,7 @@ from critic_jax import update as update_lib
 from critic_jax.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, restore_state
 from critic_jax.config import TrainConfig, from_dict
 from critic_jax.models import Critic, config_from_hf, critic_from_hf
+from critic_jax.models.config import EXECUTION_FIELDS
 from critic_jax.update import TrainState
 
 
@@ -78,20 +79,20 @@ def params_of_workdir(config: TrainConfig, mesh: jax.sharding.Mesh, workdir: str
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """`config` with the model architecture of `init_from`, read once: a Hugging Face
     checkpoint's config.json, or the config of a training run's workdir (its latest checkpoint;
-    the value pretraining of VC-PPO continues this way)."""
+    the value pretraining of VC-PPO continues this way). The run keeps its own
+    `models.config.EXECUTION_FIELDS` (dtypes, remat, layer loop, attention)."""
     if config.init_from is None:
         return config
+    execution = {f: getattr(config.model, f) for f in EXECUTION_FIELDS}
     if is_workdir(config.init_from):
         saved, _ = config_of_workdir(config.init_from)
-        return dataclasses.replace(config, model=saved.model)
+        return dataclasses.replace(config, model=dataclasses.replace(saved.model, **execution))
     path = Path(config.init_from) / "config.json"
     try:
         hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"Cannot read {path}: {e}. Received: init_from={config.init_from}") from e
-    m = config.model
-    model = config_from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    return dataclasses.replace(config, model=model)
+    return dataclasses.replace(config, model=config_from_hf(hf, **execution))
 
 
 def _abstract_model(config: TrainConfig, mesh: jax.sharding.Mesh, seed: int, make_module):
@@ -137,14 +138,10 @@ def build_critic(
         saved, _ = config_of_workdir(config.init_from)
         source = dataclasses.replace(config, optim=saved.optim, steps=saved.steps, init_from=None)
         return params_of_workdir(source, mesh, config.init_from)
-    m = config.model
     # Each device reads only its slice of each tensor: no host holds the whole model.
     critic = critic_from_hf(
         config.init_from,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        attention=m.attention,
+        **{f: getattr(config.model, f) for f in EXECUTION_FIELDS},
         shardings=lambda abstract: parallel.state_shardings(abstract, mesh),
     )
     return graphdef, nnx.state(critic, nnx.Param)
@@ -259,8 +256,10 @@ def check_attention(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
 
 def check_param_dtype(config: TrainConfig) -> None:
     """Refuses training float16 parameters: AdamW keeps its moments in the parameters' dtype,
-    and float16 holds neither the squared gradients nor `optim.eps`, so every update would be
-    non-finite and skipped. (float16 parameters still serve `score` and evaluation.)
+    and float16 holds neither the squared gradients nor `optim.eps`: the first update (of a
+    finite gradient, so the non-finite guard lets it through) writes NaN and inf into the
+    parameters, and every later one is skipped. (float16 parameters still serve `score` and
+    evaluation.)
 
     Raises:
       ValueError: one line with what to use instead.
@@ -269,7 +268,8 @@ def check_param_dtype(config: TrainConfig) -> None:
         raise ValueError(
             "model.param_dtype='float16' cannot be trained: AdamW's moments are kept in the "
             f"parameters' dtype and float16 holds neither squared gradients nor optim.eps="
-            f"{config.optim.eps:g}, so every update is non-finite and skipped. Keep float32 "
+            f"{config.optim.eps:g}, so the first update writes NaN and inf into the parameters "
+            "and every later one is skipped. Keep float32 "
             "master parameters (with --model.dtype float16 or bfloat16 compute) or use "
             "bfloat16. Received: model.param_dtype='float16'"
         )

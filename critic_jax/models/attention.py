@@ -98,7 +98,8 @@ def dot_product_attention(
     if impl == "xla":
         return _xla_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, block_size=block_size)
     if impl == "xla-flash":
-        block = block_size or q_btnh.shape[1]
+        # A block longer than the rows would only pad them (a block of T already reads all).
+        block = block_size if 0 < block_size < q_btnh.shape[1] else q_btnh.shape[1]
         return _flash_attention(q_btnh, k_bsgh, v_bsgh, seg_bt, block)
     if impl == "cudnn":
         return _cudnn_attention(q_btnh, k_bsgh, v_bsgh, seg_bt)
@@ -314,7 +315,7 @@ def _segment_extents(seg_xbk: jax.Array) -> tuple[jax.Array, jax.Array]:
     real_bt = seg_bt != 0  # padding neither reads nor is read
     first_x = jnp.min(jnp.where(real_bt, first_bt, t).reshape(b, nb, block), axis=(0, 2))
     last_x = jnp.max(jnp.where(real_bt, last_bt, -1).reshape(b, nb, block), axis=(0, 2))
-    x = jnp.arange(nb)
+    x = jnp.arange(nb, dtype=jnp.int32)
     lo_x = jnp.minimum(first_x // block, x + 1)  # x + 1: a block of padding reads nothing
     hi_x = jnp.maximum(jnp.where(last_x >= 0, last_x // block + 1, 0), x)
     return lo_x.astype(jnp.int32), jnp.minimum(hi_x, nb).astype(jnp.int32)
@@ -384,7 +385,7 @@ def _flash_forward(q_xbgqh, k_xbgkh, v_xbgkh, seg_xbk):
         lse_bgq = jnp.where(seen, m_bgq + jnp.log(jnp.where(seen, l_bgq, 1.0)), 0.0)
         return None, (out_bgqh.astype(q_xbgqh.dtype), lse_bgq)
 
-    _, (out_xbgqh, lse_xbgq) = jax.lax.scan(query_block, None, jnp.arange(nb))
+    _, (out_xbgqh, lse_xbgq) = jax.lax.scan(query_block, None, jnp.arange(nb, dtype=jnp.int32))
     return out_xbgqh, lse_xbgq
 
 
@@ -453,7 +454,8 @@ def _flash_bwd(res, dout_xbgqh):
         return dq_xbgqh, (dk_bgkh.astype(k_xbgkh.dtype), dv_bgkh.astype(v_xbgkh.dtype))
 
     dq_xbgqh = jnp.zeros(q_xbgqh.shape, jnp.float32)
-    dq_xbgqh, (dk_xbgkh, dv_xbgkh) = jax.lax.scan(key_block, dq_xbgqh, jnp.arange(nb))
+    blocks = jnp.arange(nb, dtype=jnp.int32)  # int32 loop bounds, with or without x64
+    dq_xbgqh, (dk_xbgkh, dv_xbgkh) = jax.lax.scan(key_block, dq_xbgqh, blocks)
     dseg = np.zeros(seg_xbk.shape, jax.dtypes.float0)
     return dq_xbgqh.astype(dt), dk_xbgkh, dv_xbgkh, dseg
 

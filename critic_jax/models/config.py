@@ -30,6 +30,11 @@ LAYER_LOOPS = ("auto", "scan", "unroll")
 # time of an unrolled stack grows with depth (28 s at 4 layers, 103 s at 32), a scanned one's does
 # not; and the CPU compiler keeps the memory that remat saves only when the layers are scanned.
 UNROLL_MAX_LAYERS = 4
+# How the model runs, not what it computes: a run that starts from a checkpoint (`init_from`)
+# takes the checkpoint's architecture and keeps its own values of these.
+EXECUTION_FIELDS = (
+    "dtype", "param_dtype", "remat", "layer_loop", "attention", "attention_block_size"
+)  # fmt: skip
 # What the backward pass keeps of each block (everything else is recomputed from the block's
 # input, which the layer scan keeps anyway). None: no `jax.checkpoint` at all.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
