@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.extend
 import numpy as np
 
 from critic_jax import parallel
@@ -75,3 +76,14 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def dot_generals(jaxpr) -> list:
+    """Every dot_general equation of a jaxpr, nested scans and checkpoints included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out.extend(dot_generals(sub))
+    return out

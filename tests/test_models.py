@@ -4,8 +4,8 @@ the actor-critic, and sharded construction on 8 fake CPU devices."""
 import dataclasses
 
 import chex
+import helpers
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -320,22 +320,11 @@ def test_bfloat16_compute_is_close_to_float32(critic):
     assert jax.eval_shape(lambda: bf16.backbone(tokens)).dtype == jnp.float32
     graphdef, params = nnx.split(bf16, nnx.Param)
     jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params)
-    dots = _dot_generals(jaxpr.jaxpr)
+    dots = helpers.dot_generals(jaxpr.jaxpr)
     head = [e for e in dots if e.invars[1].aval.shape == (CONFIG.d_model, 1)]
     assert len(head) == 1 and {v.aval.dtype for v in head[0].invars} == {jnp.dtype("float32")}
     # The block matmuls (inside the layer scan) run in bfloat16.
     assert any(e.invars[0].aval.dtype == jnp.bfloat16 for e in dots)
-
-
-def _dot_generals(jaxpr):
-    """Every dot_general equation of a jaxpr, nested scans and checkpoints included."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(eqn)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            out.extend(_dot_generals(sub))
-    return out
 
 
 def test_bfloat16_params():

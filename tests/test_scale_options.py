@@ -22,7 +22,6 @@ import tempfile
 import chex
 import helpers
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -180,16 +179,6 @@ def test_reference_is_not_trivial(reference):
 # ----------------------------------------------------------------------------- 2. dtypes
 
 
-def _dot_generals(jaxpr):
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(eqn)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            out.extend(_dot_generals(sub))
-    return out
-
-
 @pytest.mark.parametrize("param_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_values_head_norm_and_loss_stay_float32(dtype, param_dtype):
@@ -210,7 +199,7 @@ def test_values_head_norm_and_loss_stay_float32(dtype, param_dtype):
     hidden = jax.eval_shape(lambda p: nnx.merge(graphdef, p).backbone(tokens, seg != 0), params)
     assert hidden.dtype == jnp.float32
     jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens, seg != 0))(params)
-    dots = _dot_generals(jaxpr.jaxpr)
+    dots = helpers.dot_generals(jaxpr.jaxpr)
     head = [e for e in dots if e.invars[1].aval.shape == (config.d_model, 1)]
     assert len(head) == 1
     assert {v.aval.dtype for v in head[0].invars} == {jnp.dtype(jnp.float32)}
