@@ -47,13 +47,12 @@ def parse_bytes(text: str) -> int:
       ValueError: on anything else, including zero, a negative or an infinite size.
     """
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text)
-    try:
-        number = float(m.group(1)) if m else math.nan
-    except ValueError:
-        number = math.nan
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
     scale.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
-    size = number * scale[(m and m.group(2)) or "B"]
+    try:
+        size = float(m[1]) * scale[m[2] or "B"]
+    except (TypeError, ValueError):  # no match, or no number ('.', 'e')
+        size = math.nan
     if not (math.isfinite(size) and size >= 1):
         raise ValueError(
             f"Cannot read a memory size from {text!r}: a positive number of bytes with an "

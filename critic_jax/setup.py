@@ -246,8 +246,8 @@ def check_attention(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     """
     impl = config.model.attention
     platform = mesh.devices.flat[0].platform
-    if impl in _ATTENTION_PLATFORMS and _ATTENTION_PLATFORMS[impl][0] != platform:
-        _, what = _ATTENTION_PLATFORMS[impl]
+    needs, what = _ATTENTION_PLATFORMS.get(impl, (platform, ""))
+    if needs != platform:
         raise ValueError(
             f"model.attention={impl!r} ({what}) cannot run on this run's {platform} devices; "
             f"use auto (the fastest one there), xla or xla-flash. Received: {impl!r} on {platform}"

@@ -8,8 +8,6 @@ implementations, value heads), each checked when a config is built.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from critic_jax.models.attention import ATTENTION_IMPLEMENTATIONS
-from critic_jax.models.hf_config import model_fields
+from critic_jax.models.hf_config import is_finite_number, model_fields
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -85,13 +83,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Qwen/Qwen2.5-7B
     "qwen2.5-7b": _shape((152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, 131072, True, False)),
 }
-
-
-def _finite(value: Any) -> bool:
-    """A real number (not a bool, string or None) that is neither NaN nor infinite."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
-        return False
-    return isinstance(value, numbers.Integral) or math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -221,10 +212,10 @@ class ModelConfig:
             )
         for name in ("rms_norm_eps", "rope_theta", "rope_factor", "init_std", "value_sigma_ratio"):
             value = getattr(self, name)
-            if not (_finite(value) and value > 0):
+            if not (is_finite_number(value) and value > 0):
                 raise ValueError(f"model.{name} must be positive and finite. Received: {value!r}")
         if self.rope_scaling == "llama3" and not (
-            _finite(self.rope_high_freq_factor)
+            is_finite_number(self.rope_high_freq_factor)
             and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
         ):
             raise ValueError(
@@ -236,7 +227,7 @@ class ModelConfig:
                 raise ValueError(
                     f"model.value_bins must be an integer >= 2. Received: {self.value_bins!r}"
                 )
-            if not (_finite(self.value_min) and _finite(self.value_max)):
+            if not (is_finite_number(self.value_min) and is_finite_number(self.value_max)):
                 raise ValueError(
                     "model.value_min and model.value_max must be finite. "
                     f"Received: value_min={self.value_min!r}, value_max={self.value_max!r}"

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FAMILIES = {"Llama": "llama", "Qwen2": "qwen2"}
 HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
@@ -53,14 +56,19 @@ def split_architecture(hf_config: dict[str, Any], where: str = "config.json") ->
     return family, arch[len(family) :]
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool, string, list or None) that is neither NaN nor infinite."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
 def _number(where: str, key: str, value: Any, *, integer: bool = False) -> float | int:
     """`value` of `key` as a positive finite number (an integer when `integer`).
 
     JSON's true / false, strings, lists, null, NaN and Infinity are refused, not converted.
     """
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and isinstance(value, float):
-        ok = math.isfinite(value) and not integer
+    ok = is_finite_number(value) and (not integer or isinstance(value, numbers.Integral))
     if not ok or value <= 0:
         kind = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{where}: {key} must be {kind}. Received: {value!r}")
